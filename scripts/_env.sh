@@ -1,0 +1,18 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: create .venv if missing and install volsynth into it.
+# torch is pinned to 2.13.0 (constraints.txt); pip takes the CPU wheel already on this machine kind.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ ! -x .venv/bin/python ]; then
+    python3.11 -m venv .venv 2>/dev/null || python3 -m venv .venv
+fi
+# Re-install only when the dependency declarations changed (a cheap stamp, so repeated runs start fast).
+stamp=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+if [ "$(cat .venv/.install-stamp 2>/dev/null)" != "$stamp" ]; then
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test]"
+    echo "$stamp" > .venv/.install-stamp
+fi
+export PATH="$PWD/.venv/bin:$PATH"
+# glibc returns freed tensor memory to the OS by default, which causes page-fault storms in 3D convs
+# (see benchmarks/RESULTS.md); keep it mapped instead.
+export GLIBC_TUNABLES="${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184}"

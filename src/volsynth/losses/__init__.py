@@ -1,0 +1,1 @@
+"""Loss functions: pure functions (or frozen-feature modules) with shapes and units in their docstrings."""

@@ -1,0 +1,1 @@
+"""Networks and building blocks; every network takes ``spatial_dims``."""
