@@ -16,3 +16,4 @@ export PATH="$PWD/.venv/bin:$PATH"
 # glibc returns freed tensor memory to the OS by default, which causes page-fault storms in 3D convs
 # (see benchmarks/RESULTS.md); keep it mapped instead.
 export GLIBC_TUNABLES="${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184}"
+export PYTHONUTF8=1  # UTF-8 file I/O even where the locale is C/POSIX (CI)

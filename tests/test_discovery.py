@@ -128,7 +128,8 @@ def test_all_problems_reported_in_one_pass(tmp_path: Path, capsys: pytest.Captur
 def test_check_pair_states_both_grids() -> None:
     source, target = image(0), image(1, spacing=(2.0, 2.0, 2.0))
     target.path = Path("target.nii.gz")
-    with pytest.raises(ValueError, match=r"different grids[\s\S]*source[\s\S]*spacing \(1, 1, 1.5\)[\s\S]*target[\s\S]*spacing \(2, 2, 2\)"
+    with pytest.raises(ValueError, match=r"different grids[\s\S]*source[\s\S]*spacing \(1, 1, 1.5\)[\s\S]*"
+                       r"target[\s\S]*spacing \(2, 2, 2\)"
                        r"[\s\S]*--resample-target"):
         check_pair(source, target)
     check_pair(source, target, resample_target=True)

@@ -156,8 +156,10 @@ def test_gmm_class_order_follows_contrast(contrast: str, means: dict[int, float]
 
 def test_gmm_without_mask_thresholds_background() -> None:
     tissue, _ = tissue_phantom()
-    seg = GMMTissueSegmenter("t1").segment(render(tissue, T1_MEANS))
+    seg = GMMTissueSegmenter("t1", smoothing_sigma=0).segment(render(tissue, T1_MEANS))  # voxel-wise arg-max
     assert min(dice(seg, tissue, [1, 2, 3]).values()) > 0.9
+    with pytest.raises(ValueError, match="smoothing_sigma"):
+        GMMTissueSegmenter(smoothing_sigma=-1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -358,7 +360,9 @@ def make_run(tmp_path: Path, target: str = "t1") -> Path:
         write_nifti(data / s / "t1.nii.gz", render(tissue, T1_MEANS, seed=i, scale=500.0))
         write_nifti(data / s / "mask.nii.gz", mask.astype(np.uint8))
         write_nifti(data / s / "tissue.nii.gz", tissue.astype(np.uint8))
-        write_nifti(data / s / "seg.nii.gz", (tissue == 3).astype(np.uint8))
+        lesion = np.zeros_like(tissue, dtype=np.uint8)
+        lesion[10:13, 10:13, 10:13] = 2  # a small "tumour" label, left out by the tissue protocol
+        write_nifti(data / s / "seg.nii.gz", lesion)
         subjects.append({"subject": s, "images": {target: f"{s}/t1.nii.gz"}, "mask": f"{s}/mask.nii.gz",
                          "tissue": f"{s}/tissue.nii.gz", "label": f"{s}/seg.nii.gz"})
     (data / "manifest.json").write_text(json.dumps({"format": "volsynth-manifest", "version": 1,
@@ -380,9 +384,11 @@ def test_load_run_inputs_and_tissue_protocol(tmp_path: Path) -> None:
     assert inputs.real["P2"] == (tmp_path / "data" / "P2" / "t1.nii.gz").resolve()
     assert set(inputs.masks) == set(inputs.tissue) == set(inputs.labels) == {"P0", "P1", "P2", "P3"}
 
-    summary = run_downstream(run, protocol="tissue")
-    assert summary["masked"] and summary["dice"]["mean"] > 0.9 and summary["n_subjects"] == 2
-    assert (run / "downstream" / PROTOCOL2_SUMMARY).is_file()
+    summary = run_downstream(run, protocol="tissue", save_segmentations=True)
+    assert summary["masked"] and summary["excluded"] and summary["n_subjects"] == 2
+    assert summary["dice"]["mean"] > 0.9
+    saved = sitk.GetArrayFromImage(sitk.ReadImage(str(run / "downstream" / "segmentations" / "P2_synthetic.nii.gz")))
+    assert np.all(saved[10:13, 10:13, 10:13] == 0) and set(np.unique(saved)) == {0, 1, 2, 3}
     with pytest.raises(ValueError, match="Did you mean 'tissue'"):
         run_downstream(run, protocol="tisue")
     with pytest.raises(SegmenterNotAvailableError, match="TotalSegmentator"):

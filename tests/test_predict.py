@@ -76,8 +76,8 @@ def test_cli_predict_from_run_keeps_geometry_and_hu(tmp_path: Path) -> None:
         subjects.append(Subject(f"s{i}", images=paths))
     manifest = save_manifest(Manifest(subjects, source="mr", target="ct"), tmp_path / "data/manifest.json")
     run = tmp_path / "run"
-    overrides = [f"--set={o}" for o in ct_config() + ["data.source_kind=mr", "train.iterations=2",
-                                                      "train.progress=false", "method.channels=[4,8]"]]
+    overrides = [f"--set={o}" for o in [*ct_config(), "data.source_kind=mr", "train.iterations=2",
+                                        "train.progress=false", "method.channels=[4,8]"]]
     assert main(["train", "--config", str(Path(__file__).parents[1] / "configs/regression_unet-cpu.yaml"),
                  "--data", str(manifest), "--out", str(run), "--set", "data.source=mr", "--set", "data.target=ct",
                  *overrides]) == 0

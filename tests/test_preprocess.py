@@ -6,8 +6,8 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.transform import Rotation
 
 from volsynth.config import DataConfig
-from volsynth.data.patches import PatchSampler, prepare_subject
 from volsynth.data.manifest import load_manifest
+from volsynth.data.patches import PatchSampler, prepare_subject
 from volsynth.data.preprocess import CT_RANGE, IntensityScaling, Preprocessor
 from volsynth.data.volume import Volume
 

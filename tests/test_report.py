@@ -139,7 +139,7 @@ class TableParser(HTMLParser):
 
 def parse(index: Path) -> TableParser:
     parser = TableParser()
-    parser.feed(index.read_text())
+    parser.feed(index.read_text(encoding="utf-8"))
     return parser
 
 
@@ -167,7 +167,7 @@ def test_report_two_runs(tmp_path: Path) -> None:
                       "mae": [0.03, 0.02, 0.04]}, validation=False, lpips=False, downstream=0.85)
     index = build_report([run_a, run_b], tmp_path / "report", subjects_to_show=2)
     assert index == tmp_path / "report" / "index.html" and index.is_file()
-    text = index.read_text()
+    text = index.read_text(encoding="utf-8")
     assert "mdagan" in text and "regression_unet" in text
     assert "<script" not in text and "http://" not in text and "https://" not in text  # offline, static
 
@@ -202,7 +202,7 @@ def test_report_two_runs(tmp_path: Path) -> None:
     # the missing pieces are noted, not fatal
     assert "regression_unet: no validation.csv" in text and "LPIPS not available: VGG weights not found" in text
 
-    md = (index.parent / "comparison.md").read_text()
+    md = (index.parent / "comparison.md").read_text(encoding="utf-8")
     assert "| **0.900 ± 0.02** |" in md and "<ins>0.810 ± 0.01</ins>" in md
     with open(index.parent / "comparison.csv") as f:
         rows = list(csv.DictReader(f))
@@ -220,7 +220,7 @@ def test_report_copes_with_bare_runs_and_duplicate_methods(tmp_path: Path) -> No
     bare = tmp_path / "runs" / "bare"  # a run with nothing in it at all
     bare.mkdir()
     index = build_report([one, two, bare], tmp_path / "out", subjects_to_show=1, title="A <b>title</b>")
-    text = index.read_text()
+    text = index.read_text(encoding="utf-8")
     assert "A &lt;b&gt;title&lt;/b&gt;" in text  # escaped
     table = parse(index).rows
     assert set(table) == {"mdagan (first)", "mdagan (second)", "bare"}
@@ -241,7 +241,21 @@ def test_report_without_manifest_or_evaluation(tmp_path: Path) -> None:
     (run / "config.yaml").write_text("method:\n  name: cyclegan\ndata:\n  manifest: /does/not/exist.json\n")
     write_csv(run / "log.csv", [{"iteration": 1, "seconds": 0.1, "lr": 1e-4, "g": -0.5}])
     index = build_report([run], tmp_path / "report")
-    text = index.read_text()
+    text = index.read_text(encoding="utf-8")
     assert "cyclegan" in text and "No run has evaluation results" in text
     assert "Tri-planar figures left out" in text
     assert "curves_cyclegan.png" in text and (tmp_path / "report" / "curves_cyclegan.png").is_file()
+
+
+def test_triplanar_ct_uses_hu_window(tmp_path: Path) -> None:
+    from volsynth.data.volume import Volume
+    from volsynth.evaluation.report import _display_scale, triplanar_figure
+
+    hu = np.full((8, 8, 8), -1024.0, np.float32)
+    hu[2:6, 2:6, 2:6] = 40.0
+    # HU target → window; a HU prediction → same window; a [0, 1] prediction beside a HU target → as is
+    np.testing.assert_allclose(_display_scale(hu, "ct").max(), (40 + 1024) / 4024, rtol=1e-6)
+    np.testing.assert_allclose(_display_scale(np.array([0.3]), "ct", already_unit=True), [0.3])
+    out = triplanar_figure("ct", Volume(hu * 0.5), Volume(hu), [("m", hu + 10.0), ("u", np.clip(hu, 0, 1))],
+                           tmp_path / "ct.png", source_kind="cbct", target_kind="ct")
+    assert out.is_file() and out.stat().st_size > 1000

@@ -71,7 +71,7 @@ def test_refuses_to_overwrite_and_to_resume_nothing(cohort: Path, tmp_path: Path
         train(tiny(cohort, "train.iterations=1"), tmp_path / "run")
     with pytest.raises(CheckpointError, match="nothing to resume"):
         train(tiny(cohort), tmp_path / "other", resume=True)
-    with pytest.raises(ValueError, match="data.manifest is not set"):
+    with pytest.raises(ValueError, match=r"data\.manifest is not set"):
         Trainer(load_config({"method": {"name": "regression_unet"}}), tmp_path / "x")
     with pytest.raises(ValueError, match="multiple of 8"):
         train(tiny(cohort, "data.patch_size=[12,12,12]", "method.channels=[4,8,16,32]"), tmp_path / "y")

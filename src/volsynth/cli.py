@@ -122,6 +122,8 @@ def methods(
     config: Annotated[str | None, typer.Option(help="Count parameters for this preset's method settings")] = None,
 ) -> None:
     """List registered methods and their networks' parameter counts (default settings or a preset)."""
+    import dataclasses
+
     import torch
 
     from volsynth.config import PRESET_DIR, load_config
@@ -134,6 +136,11 @@ def methods(
         if chosen is not None and chosen.method.name != name:
             continue
         method_config = chosen.method if chosen is not None else cls.config_class()
+        perception = getattr(method_config, "perception", None)
+        if perception is not None and hasattr(perception, "weights"):
+            # Frozen feature networks are not counted, so their pretrained weights are not needed to count.
+            method_config = dataclasses.replace(method_config, perception=dataclasses.replace(perception,
+                                                                                              weights="random"))
         try:
             with torch.device("meta"):  # counting parameters needs shapes only
                 counts = build_method(method_config).parameter_counts()
@@ -252,14 +259,15 @@ def downstream(
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("demo_output"),
     subjects: Annotated[int, typer.Option(help="Phantom subjects")] = 8,
-    iterations: Annotated[int, typer.Option(help="Training iterations per method")] = 300,
+    iterations: Annotated[int, typer.Option(help="Training iterations per method")] = 200,
+    spacing: Annotated[float, typer.Option(help="Phantom voxel size in mm (coarser = faster)")] = 3.0,
     methods_: Annotated[str, typer.Option("--methods", help="Comma-separated methods to train and compare")
                         ] = "mdagan,regression_unet",
 ) -> None:
     """The main job: phantom cohort → train → predict the test subjects → evaluate → HTML report."""
     from volsynth.demo import run_demo
 
-    index = run_demo(out, subjects=subjects, iterations=iterations,
+    index = run_demo(out, subjects=subjects, iterations=iterations, spacing=spacing,
                      methods=[m.strip() for m in methods_.split(",") if m.strip()])
     _echo(f"Demo finished. Open the report: {index}")
 

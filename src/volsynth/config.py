@@ -316,7 +316,7 @@ def load_config(source: str | Path | Mapping[str, Any] | None = None, overrides:
         path = resolve_config_path(source)
         origin = f" (in {path})"
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as error:
             raise ConfigError(f"Config {path} is not valid YAML: {error}") from None
         raw = loaded or {}

@@ -37,7 +37,7 @@ def atomic_path(path: str | Path, *, suffix: str | None = None) -> Iterator[Path
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write text to ``path`` atomically; returns the path."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 

@@ -74,7 +74,8 @@ class Fingerprint:
     def render(self) -> str:
         """Plain-text report for the terminal."""
         lines = [f"Dataset: {self.dataset} at {self.root}",
-                 f"Subjects: {self.subjects}  complete pairs: {self.complete_pairs}  incomplete: {len(self.incomplete)}"]
+                 f"Subjects: {self.subjects}  complete pairs: {self.complete_pairs}  "
+                 f"incomplete: {len(self.incomplete)}"]
         if self.median_spacing:
             lines.append("Median spacing (mm): " + " x ".join(f"{s:.3g}" for s in self.median_spacing))
         for modality, stats in self.modalities.items():

@@ -163,9 +163,8 @@ def write_dicom_series(volume: Volume, folder: str | Path, *, modality: str = "O
     """Write a DICOM series (one file per z slice) into ``folder``, replacing it atomically.
 
     Float data is stored as int16 with a RescaleSlope so a reader recovers real values to within half a
-    quantisation step (1/64000 of the largest magnitude); integral data (HU) is stored exactly. Geometry uses ImageOrientationPatient/ImagePositionPatient per slice, so
-    oblique directions survive; a left-handed direction (slice axis against row × column) also survives because
-    positions are written per slice.
+    quantisation step (1/64000 of the largest magnitude); integral data (HU) is stored exactly. Geometry uses
+    ImageOrientationPatient/ImagePositionPatient per slice, so oblique directions survive.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -314,6 +314,7 @@ def _label_names(labels: Sequence[int] | Mapping[int, str] | None) -> dict[int, 
 
 def protocol2(real: Mapping[str, VolumeInput], synthetic: Mapping[str, VolumeInput], *, segmenter: Segmenter,
               out_dir: str | os.PathLike[str], masks: Mapping[str, VolumeInput] | None = None,
+              exclude: Mapping[str, VolumeInput] | None = None,
               labels: Sequence[int] | Mapping[int, str] | None = None, normalise: bool | None = None,
               save_segmentations: bool = False) -> dict[str, Any]:
     """Agreement of one segmenter's output on real vs synthetic volumes: per-class Dice and VS per subject.
@@ -325,6 +326,9 @@ def protocol2(real: Mapping[str, VolumeInput], synthetic: Mapping[str, VolumeInp
         masks: subject → region mask (e.g. the brain mask) given to the segmenter for *both* images, so the two
             segmentations cover the same voxels. Recommended for the tissue GMM; without one it thresholds each
             image itself.
+        exclude: subject → map whose non-zero voxels are left out (e.g. the tumour labels, so that a tissue
+            segmenter sees normal tissue only, as HiFi-Syn's GM/WM/CSF): removed from the mask and set to 0 in
+            both segmentations before scoring.
         labels: classes to score (values or value → name); default the segmenter's ``labels``; when both are
             empty, every non-zero label found in either map of a subject.
         normalise: min-max scale each volume to [0, 1] before segmenting; default the segmenter's
@@ -358,6 +362,13 @@ def protocol2(real: Mapping[str, VolumeInput], synthetic: Mapping[str, VolumeInp
             mask = _load(masks[subject], dtype=np.float32).array > 0.5
             if mask.shape != r.array.shape:
                 raise ValueError(f"{subject}: mask shape {mask.shape} differs from the volume {r.array.shape}")
+        excluded = None
+        if exclude is not None and subject in exclude:
+            excluded = _load_labels(exclude[subject]) != 0
+            if excluded.shape != r.array.shape:
+                raise ValueError(f"{subject}: exclusion map {excluded.shape} differs from the volume {r.array.shape}")
+            if mask is not None:
+                mask = mask & ~excluded
         segs = []
         for vol in (r, s):
             image = minmax(vol.array) if do_normalise else vol.array
@@ -366,7 +377,10 @@ def protocol2(real: Mapping[str, VolumeInput], synthetic: Mapping[str, VolumeInp
             if seg.shape != image.shape:
                 raise ValueError(f"{subject}: segmenter '{segmenter.name}' returned shape {seg.shape} for "
                                  f"{image.shape}")
-            segs.append(seg.astype(np.int64))
+            seg = seg.astype(np.int64)
+            if excluded is not None:
+                seg[excluded] = 0
+            segs.append(seg)
         if names:
             present = list(names)
         else:  # score what the tool found (e.g. TotalSegmentator structures present in either image)
@@ -397,6 +411,7 @@ def protocol2(real: Mapping[str, VolumeInput], synthetic: Mapping[str, VolumeInp
         "segmenter_repr": repr(segmenter),
         "normalised_input": do_normalise,
         "masked": masks is not None,
+        "excluded": exclude is not None,
         "labels": {str(k): n for k, n in seen.items()},
         "dice": summarise(r["dice"] for r in rows),
         "vs": summarise(r["vs"] for r in rows),
@@ -454,7 +469,10 @@ def _pad_to(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 
 def _to_classes(label_map: np.ndarray, values: Sequence[int]) -> np.ndarray:
-    out = np.zeros(label_map.shape, dtype=np.int64)
+    # uint8 keeps a training set in memory at 5 bytes per voxel (float32 image + class index)
+    if len(values) > 255:
+        raise ValueError(f"at most 255 label values, got {len(values)}")
+    out = np.zeros(label_map.shape, dtype=np.uint8)
     for index, value in enumerate(values, start=1):
         out[label_map == value] = index
     return out
@@ -495,7 +513,7 @@ def _sample_batch(data: _SegData, patch: Sequence[int], batch_size: int, rng: np
                 x, y = np.flip(x, axis), np.flip(y, axis)
         xs.append(np.ascontiguousarray(x))
         ys.append(np.ascontiguousarray(y))
-    return np.stack(xs)[:, None], np.stack(ys)[:, None]
+    return np.stack(xs)[:, None], np.stack(ys)[:, None].astype(np.int64)
 
 
 @dataclass
@@ -527,11 +545,13 @@ def _train_segmenter(data: _SegData, n_classes: int, s: _Settings,
     from monai.losses import DiceCELoss
 
     # Same seed → same initial weights and the same patch/flip sequence for the synthetic-trained model and the
-    # upper bound (both sets share labels and grids), so the two differ only by the training images.
-    torch.manual_seed(s.seed)
+    # upper bound (both sets share labels and grids), so the two differ only by the training images. fork_rng
+    # restores the caller's global torch RNG afterwards.
     rng = np.random.default_rng(s.seed)
     device = torch.device(s.device)
-    model = _build_unet(n_classes, s).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed)
+        model = _build_unet(n_classes, s).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     losses: list[float] = []
@@ -599,13 +619,15 @@ def protocol1(train_real: Mapping[str, VolumeInput] | None, train_synthetic: Map
     """Synthetic-to-real segmentation (the seed paper's Protocol 1) and its real-to-real upper bound.
 
     A MONAI 3D UNet (softmax over background + ``label_values``, DiceCE loss, AdamW) is trained on random
-    patches of the *synthetic* images with the *real* labels, then segments the *real* test images by sliding
+    patches (``foreground_probability`` of them centred on a labelled voxel; random flips on the three axes, as
+    the seed) of the *synthetic* images with the *real* labels, then segments the *real* test images by sliding
     window (overlap 0.5, as the seed); Dice per class against the real labels. With ``train_real`` the same
-    network, seed and patch sequence is also trained on the real images (the upper bound). Every image is min-max
-    scaled to [0, 1] first (synthetic MR is on [0, 1], real MR in scanner units).
+    network, seed and patch sequence is also trained on the real images (the upper bound). Every image is
+    min-max scaled to [0, 1] first (synthetic MR is on [0, 1], real MR in scanner units).
 
     The seed's notebook trains 500 epochs at 224×224×144 on a GPU; the defaults here are a CPU-sized version
-    (32³ patches, 500 iterations, channels 8–64): raise ``iterations``/``channels`` for a faithful run.
+    (32³ patches, 500 iterations, channels 8–64): raise ``iterations``/``channels`` for a faithful run. The
+    training volumes are held in memory (about 5 bytes per voxel); test volumes are read one at a time.
 
     Args:
         train_real: subject → real training image (None: skip the upper bound).
@@ -788,7 +810,8 @@ def run_downstream(run: str | os.PathLike[str], *, protocol: str = "tissue",
 
     Args:
         run: a ``volsynth train`` run whose test subjects have ``predictions/``.
-        protocol: ``tissue`` (Protocol 2, GMM tissue segmenter, brain masks from the manifest when present),
+        protocol: ``tissue`` (Protocol 2, GMM tissue segmenter, brain masks from the manifest when present,
+            tumour ``label`` voxels left out),
             ``segment`` (Protocol 1 on the manifest's ``label`` maps, else its ``tissue`` maps; with ``label``
             maps the headline is whole-foreground Dice, the seed's whole tumour), or ``external`` (Protocol 2
             with ``command``, a template with ``{input}`` and ``{output}``).
@@ -839,9 +862,12 @@ def run_downstream(run: str | os.PathLike[str], *, protocol: str = "tissue",
             if order is None:
                 raise ValueError(f"Cannot tell the tissue contrast of target '{inputs.target}': pass contrast= one "
                                  f"of {', '.join(CONTRAST_ORDERS)}")
-        seg_options = {k: options.pop(k) for k in ("max_fit_voxels", "background_threshold", "random_state")
-                       if k in options}
+        seg_options = {k: options.pop(k) for k in ("smoothing_sigma", "max_fit_voxels", "background_threshold",
+                                                   "random_state") if k in options}
         segmenter = GMMTissueSegmenter(contrast or "t1", order=order, **seg_options)
     if log is not None:
         log(f"protocol 2 with {segmenter!r} on {len(inputs.synthetic)} subjects")
+    if protocol == "tissue" and "exclude" not in options:
+        # Tissue classes are for normal tissue: lesion voxels (the BraTS-style label map) are left out.
+        options["exclude"] = {s: inputs.labels[s] for s in inputs.test_subjects if s in inputs.labels} or None
     return protocol2(inputs.real, inputs.synthetic, segmenter=segmenter, masks=masks, out_dir=out, **options)

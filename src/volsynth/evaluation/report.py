@@ -495,15 +495,16 @@ def validation_comparison(runs: Sequence[RunData], path: Path) -> Path | None:
 
 
 def _display_scale(array: np.ndarray, kind: str, *, already_unit: bool = False) -> np.ndarray:
-    """Map a volume to the [0, 1] display scale: CT/CBCT by the HU window, MR by min-max (unless already [0, 1])."""
+    """Map a volume to the [0, 1] display scale: as is when ``already_unit``, else CT/CBCT by the HU window
+    [-1024, 3000] (the metrics' scale), MR by min-max."""
     from volsynth.evaluation.metrics import CT_WINDOW_HU
 
     array = np.asarray(array, dtype=np.float32)
+    if already_unit:
+        return np.clip(array, 0.0, 1.0)
     if kind in ("ct", "cbct"):
         lo, hi = CT_WINDOW_HU
         return np.clip((array - lo) / (hi - lo), 0.0, 1.0)
-    if already_unit:
-        return np.clip(array, 0.0, 1.0)
     lo, hi = float(array.min()), float(array.max())
     return np.zeros_like(array) if hi <= lo else (array - lo) / (hi - lo)
 
@@ -533,7 +534,12 @@ def triplanar_figure(subject: str, source: Any, target: Any, predictions: Sequen
     """
     tgt = _display_scale(target.array, target_kind)
     src = _display_scale(source.array, source_kind) if source is not None else None
-    preds = [(label, _display_scale(p, target_kind, already_unit=_looks_unit(p))) for label, p in predictions]
+    # Predictions are on [0, 1] for MR and in HU for CT; a CT prediction still on [0, 1] (next to a HU target)
+    # is taken as already window-scaled.
+    unit_target = _looks_unit(target.array)
+    preds = [(label, _display_scale(p, target_kind, already_unit=_looks_unit(p) and (target_kind == "mr"
+                                                                                     or not unit_target)))
+             for label, p in predictions]
     errors = [(label, np.abs(p - tgt)) for label, p in preds]
     vmax = max([float(np.percentile(e, 99.5)) for _, e in errors] + [1e-3])
     fg = np.argwhere(tgt > 0.05)

@@ -32,10 +32,11 @@ def sobel_kernels(spatial_dims: int = 3, *, dtype: torch.dtype = torch.float32,
     difference = torch.tensor(_DIFFERENCE, dtype=dtype, device=device)
     kernels = []
     for axis in range(spatial_dims):
-        factors = [difference if other == axis else smooth for other in range(spatial_dims)]
-        kernel = factors[0]
-        for factor in factors[1:]:
-            kernel = torch.tensordot(kernel, factor, dims=0)  # outer product, axis order preserved
+        kernel = torch.ones((3,) * spatial_dims, dtype=dtype, device=device)
+        for other in range(spatial_dims):  # outer product by broadcasting: factor ``other`` varies along axis other
+            shape = [1] * spatial_dims
+            shape[other] = 3
+            kernel = kernel * (difference if other == axis else smooth).reshape(shape)
         kernels.append(kernel)
     return torch.stack(kernels).unsqueeze(1)
 
@@ -49,10 +50,11 @@ def sobel_magnitude(image: Tensor, *, pad_value: float = -1.0) -> Tensor:
     spatial_dims = image.dim() - 2
     batch, channels = image.shape[:2]
     flat = image.float().reshape(batch * channels, 1, *image.shape[2:])
-    padded = F.pad(flat, (1, 1) * spatial_dims, mode="constant", value=pad_value)
-    conv = F.conv3d if spatial_dims == 3 else F.conv2d
-    gradients = conv(padded, sobel_kernels(spatial_dims, device=image.device)) / 4 ** (spatial_dims - 2)
-    return torch.linalg.vector_norm(gradients, dim=1).reshape(image.shape)
+    with torch.autocast(device_type=image.device.type, enabled=False):  # keep the conv in float32 under AMP
+        padded = F.pad(flat, (1, 1) * spatial_dims, mode="constant", value=pad_value)
+        conv = F.conv3d if spatial_dims == 3 else F.conv2d
+        gradients = conv(padded, sobel_kernels(spatial_dims, device=image.device)) / 4 ** (spatial_dims - 2)
+        return torch.linalg.vector_norm(gradients, dim=1).reshape(image.shape)
 
 
 def eagan_edge_map(image: Tensor, *, pad_value: float = -1.0) -> Tensor:

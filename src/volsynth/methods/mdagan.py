@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -65,7 +65,8 @@ class GeneratorConfig:
 class DiscriminatorConfig:
     """Discriminator options (seed-reference §2; the release's file is not public, see nets/discriminators)."""
 
-    kind: Literal["unet", "binary"] = "unet"  # Table 2 "U-Net D.": voxel-wise multi-res UNet vs global binary D
+    # Table 2 "U-Net D.": voxel-wise multi-res UNet, or a global binary D (one logit per patch; patches >= 16³).
+    kind: Literal["unet", "binary"] = "unet"
     base_channels: int = 8  # widths b, 2b, 4b, 8b
     multires_input: bool = True  # pyramid levels 1..3 into encoder levels 1..3 (unet only)
     # How real targets (and a single-level synthetic output) become D's pyramid: nearest = the same resampling
@@ -234,7 +235,7 @@ class MDAGAN(TranslationMethod):
         # two calls, at half the launches and one spectral-norm power iteration per step.
         assert self.discriminator is not None
         batch = next(iter(real.values())).shape[0]
-        logits = self.discriminator({key: torch.cat([real[key], synthetic[key]]) for key in real})
+        logits = self._critic({key: torch.cat([real[key], synthetic[key]]) for key in real})
         return ({key: value[:batch] for key, value in logits.items()},
                 {key: value[batch:] for key, value in logits.items()})
 
@@ -250,13 +251,21 @@ class MDAGAN(TranslationMethod):
         return multilevel_loss(adv.mode, real, synthetic, adv.level_weights, side="discriminator",
                                mean=adv.relativistic_mean)
 
+    def _critic(self, inputs: Mapping[str, Tensor]) -> Any:
+        """D in fp32 even under autocast: spectral norm's power iteration in bf16 can collapse to a zero norm and
+        turn every logit into NaN; D is small (0.4 M parameters), so fp32 costs little."""
+        assert self.discriminator is not None
+        device_type = next(iter(inputs.values())).device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self.discriminator({key: value.float() for key, value in inputs.items()})
+
     def generator_adversarial_loss(self, outputs: Mapping[str, Tensor], target: Tensor) -> Tensor:
         """Unweighted adversarial G loss (eq. 5 at every level); D(real) is detached, D(G(x)) is attached."""
         assert self.discriminator is not None
         adv = self.config.adversarial
-        synthetic = self.discriminator(self.discriminator_input(outputs))
+        synthetic = self._critic(self.discriminator_input(outputs))
         with torch.no_grad():
-            real = self.discriminator(self.discriminator_input(target))
+            real = self._critic(self.discriminator_input(target))
         if adv.release_compat:
             # Release defect (§3.3): the trainer passes D(G(x)) as "real" (which the loss detaches) and D(target)
             # as "synthetic", so no adversarial gradient reaches the generator.

@@ -127,6 +127,7 @@ class BinaryDiscriminator(nn.Module):
             previous = width
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(previous, 1)
+        self.min_size = 2**LEVELS
 
     @property
     def output_levels(self) -> tuple[str, ...]:
@@ -134,5 +135,8 @@ class BinaryDiscriminator(nn.Module):
 
     def forward(self, x: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
         image = x[level_key(0)] if isinstance(x, Mapping) else x
+        if min(image.shape[2:]) < self.min_size:
+            raise ValueError(f"BinaryDiscriminator needs at least {self.min_size} voxels per axis (four stride-2 "
+                             f"convs), got shape {tuple(image.shape[2:])}")
         h = self.features(image)
         return {level_key(0): self.classifier(h.flatten(2).mean(dim=2))}

@@ -66,25 +66,27 @@ class Pix2PixUNet(nn.Module):
     """``(B, in_channels, *S)`` → ``(B, out_channels, *S)`` in [-1, 1]; ``S`` multiples of ``2 ** num_downs``.
 
     Args:
-        num_downs: number of stride-2 down-samplings (≥ 5; Ea-GAN ``unet_32/64/128`` = 5/6/7, pix2pix ``unet_256``
-            = 8).
+        num_downs: number of stride-2 down-samplings (Ea-GAN ``unet_32/64/128`` = 5/6/7, pix2pix ``unet_256`` = 8).
+            Level ``k`` (0 = outermost) has inner width ``ngf·min(2**k, 8)``; for ``num_downs ≥ 5`` this is exactly
+            pix2pix's layout, smaller values (≥ 2) keep its outer levels for small test patches.
         channels: ``ngf`` (64 in pix2pix and Ea-GAN).
         norm: ``batch`` (pix2pix, Ea-GAN) or ``instance``.
-        dropout: dropout after the inner 8·ngf decoder blocks (pix2pix/Ea-GAN ``--use_dropout``: 0.5; 0 = off).
+        dropout: dropout after the decoder of levels ``4 … num_downs − 2`` (pix2pix's ``num_downs − 5`` inner 8·ngf
+            blocks; ``--use_dropout``: 0.5; 0 = off).
     """
 
     def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 1, num_downs: int = 7,
                  channels: int = 64, norm: NormKind = "batch", dropout: float = 0.0) -> None:
         super().__init__()
-        if num_downs < 5:
-            raise ValueError(f"num_downs must be ≥ 5 (pix2pix's outer four levels + innermost), got {num_downs}")
-        ngf = channels
-        block = UNetSkipBlock(spatial_dims, 8 * ngf, 8 * ngf, innermost=True, norm=norm)
-        for _ in range(num_downs - 5):
-            block = UNetSkipBlock(spatial_dims, 8 * ngf, 8 * ngf, submodule=block, norm=norm, dropout=dropout)
-        for outer, inner in ((4 * ngf, 8 * ngf), (2 * ngf, 4 * ngf), (ngf, 2 * ngf)):
-            block = UNetSkipBlock(spatial_dims, outer, inner, submodule=block, norm=norm)
-        self.model = UNetSkipBlock(spatial_dims, out_channels, ngf, in_channels=in_channels, submodule=block,
+        if num_downs < 2:
+            raise ValueError(f"num_downs must be ≥ 2, got {num_downs}")
+        inner = [channels * min(2**level, 8) for level in range(num_downs)]
+        block: nn.Module | None = None
+        for level in reversed(range(1, num_downs)):
+            block = UNetSkipBlock(spatial_dims, inner[level - 1], inner[level], submodule=block,
+                                  innermost=level == num_downs - 1, norm=norm,
+                                  dropout=dropout if 4 <= level <= num_downs - 2 else 0.0)
+        self.model = UNetSkipBlock(spatial_dims, out_channels, inner[0], in_channels=in_channels, submodule=block,
                                    outermost=True, norm=norm)
         self.divisor = 2**num_downs
 
