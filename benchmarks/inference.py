@@ -57,6 +57,7 @@ def worker(spec: dict[str, Any]) -> None:
 
     from volsynth.config import load_config
     from volsynth.data.volume import Volume
+    from volsynth.inference import predict as predict_module
     from volsynth.inference.predict import translate_volume
     from volsynth.methods import build_method
     from volsynth.methods.base import autocast
@@ -96,12 +97,35 @@ def worker(spec: dict[str, Any]) -> None:
     def run_volsynth() -> np.ndarray:
         return translate_volume(method, config, volume, device=device).array
 
+    def overheads(repeats: int) -> dict[str, float]:
+        """Network-free parts, medians: translate_volume with an identity translate_array (preprocess + inverse)
+        and MONAI's sliding window with an identity predictor (window cutting + Gaussian blending)."""
+        original = predict_module.translate_array
+
+        def no_network(_method: Any, source: np.ndarray, **_kwargs: Any) -> np.ndarray:
+            return source
+
+        def blend_only() -> None:
+            with torch.inference_mode():
+                sliding_window_inference(tensor, roi_size=roi, sw_batch_size=inference.sw_batch_size,
+                                         predictor=lambda w: w, overlap=inference.overlap, mode="gaussian",
+                                         sigma_scale=inference.sigma_scale, padding_mode="constant", cval=0.0)
+
+        predict_module.translate_array = no_network
+        try:
+            pipeline = [timed(run_volsynth)[0] for _ in range(repeats)]
+        finally:
+            predict_module.translate_array = original
+        blending = [timed(blend_only)[0] for _ in range(repeats)]
+        return {"pipeline_s": median(pipeline), "blending_s": median(blending)}
+
     windows = [0]
     generator.register_forward_pre_hook(lambda _module, args: windows.__setitem__(0, windows[0] + args[0].shape[0]))
     probe_start = calibrate(precision)
     baseline = peak_rss_mib()
     warmup_s = None
-    if spec["warmup"]:  # one window batch: oneDNN primitives and first-touch memory, at 1/n of a volume's cost
+    # Warm-up: one window batch (oneDNN primitives, first-touch memory) at 1/n of a volume's cost.
+    if spec["warmup"] and spec["contenders"]:
         batch = torch.rand(inference.sw_batch_size, 1, *roi)
         with torch.inference_mode():
             warmup_s = timed(predictor, batch)[0]
@@ -127,15 +151,17 @@ def worker(spec: dict[str, Any]) -> None:
                 seconds = timed(runs[name])[0]
             times[name].append(seconds)
             log(f"  [{precision}] round {i + 1}/{spec['repeats']}: {name} {seconds:.2f} s")
+    # After the network runs, so that their peak RSS is read first.
+    overhead = overheads(spec["overhead_repeats"]) if spec["overhead_repeats"] else None
     diff = (float(np.abs(np.clip(outputs["monai"], 0, 1) - outputs["volsynth"]).max())
             if len(outputs) == 2 else None)
     emit_result({
         "precision": precision, "threads": torch.get_num_threads(), "times": times,
         "windows": window_count, "flops": {k: v.total for k, v in flops.items()}, "warmup_s": warmup_s,
-        "rss_baseline_mib": baseline, "rss_first_mib": first_peak, "rss_peak_mib": peak_rss_mib(),
-        "first": contenders[0], "max_abs_diff": diff, "params": sum(p.numel() for p in generator.parameters()),
-        "worker_cpu_s": cpu_seconds(), "loadavg": os.getloadavg(), "probe_gflops": [probe_start,
-                                                                                    calibrate(precision)],
+        "overhead": overhead, "rss_baseline_mib": baseline, "rss_first_mib": first_peak,
+        "rss_peak_mib": peak_rss_mib(), "first": contenders[0] if contenders else None, "max_abs_diff": diff,
+        "params": sum(p.numel() for p in generator.parameters()), "worker_cpu_s": cpu_seconds(),
+        "loadavg": os.getloadavg(), "probe_gflops": [probe_start, calibrate(precision)],
     })
 
 
@@ -152,6 +178,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, choices=[0, 1], help="one untimed window batch first")
     parser.add_argument("--contenders", nargs="+", default=["monai", "volsynth"], choices=["monai", "volsynth"],
                         help="which to run; the first one's peak RSS is read clean")
+    parser.add_argument("--overhead-repeats", type=int, default=3, help="runs of the network-free parts (identity "
+                        "network): volsynth's preprocess + inverse, and MONAI's window cutting + blending")
+    parser.add_argument("--overhead-only", action="store_true", help="measure only the network-free parts")
     parser.add_argument("--config", default="configs/mdagan-paper.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config overrides (after method.perception.weight=0)")
@@ -171,12 +200,15 @@ def main() -> None:
         from volsynth.config import load_config
 
         args.sw_batch_size = load_config(args.config, BASE_OVERRIDES + args.overrides).inference.sw_batch_size
-    contenders = list(dict.fromkeys(args.contenders))
+    contenders = [] if args.overhead_only else list(dict.fromkeys(args.contenders))
+    if args.overhead_only and args.overhead_repeats < 1:
+        parser.error("--overhead-only needs --overhead-repeats >= 1")
     results = []
     for precision in args.precisions:
         spec = {"shape": args.shape, "roi": args.roi, "overlap": args.overlap, "sigma_scale": args.sigma_scale,
                 "sw_batch_size": args.sw_batch_size, "precision": precision, "repeats": args.repeats,
-                "warmup": args.warmup, "contenders": contenders, "config": args.config,
+                "warmup": args.warmup, "contenders": contenders, "overhead_repeats": args.overhead_repeats,
+                "config": args.config,
                 "overrides": BASE_OVERRIDES + args.overrides, "seed": args.seed}
         log(f"inference {'×'.join(map(str, args.shape))} roi {args.roi} {precision} ...")
         results.append(run_worker(__file__, spec, allocator_fix=not args.no_allocator_fix))
@@ -187,11 +219,17 @@ def report(args: argparse.Namespace, contenders: list[str], results: list[dict[s
     shape = "×".join(map(str, args.shape))
     print(f"# Inference, one {shape} volume ({environment_line()}; {results[0]['threads']} torch threads in "
           "workers)\n")
+    if not contenders:
+        print(overhead_table(shape, args, results))
+        sys.stdout.flush()
+        return
     print(f"mdagan generator ({args.config}, {results[0]['params']:,} parameters, random init), roi {args.roi}³, "
           f"overlap {args.overlap}, Gaussian blending sigma {args.sigma_scale}, sw_batch_size {args.sw_batch_size}. "
           f"Medians of {args.repeats} interleaved run(s) per contender"
           f"{' after one warm-up window batch' if args.warmup else ''}; conv GFLOP/s as % of the "
           "{fp32: 500, bf16: 1000} GFLOP/s ceiling.\n")
+    if results[0]["overhead"] is not None:
+        print(overhead_table(shape, args, results) + "\n")
     rows = []
     for r in results:
         t = {name: median(r["times"][name]) for name in contenders}
@@ -217,13 +255,28 @@ def report(args: argparse.Namespace, contenders: list[str], results: list[dict[s
     for r in results:
         ref = CALIBRATION_REFERENCE[r["precision"]]
         start, end = r["probe_gflops"]
-        raw = "; ".join(f"{n} {', '.join(f'{s:.2f}' for s in r['times'][n])}" for n in contenders)
+        raw = "; ".join(f"{n} {', '.join(f'{s:.2f}' for s in r['times'][n])}" for n in contenders) or "no network runs"
         warm = f", warm-up batch {r['warmup_s']:.2f}" if r["warmup_s"] is not None else ""
         print(f"- {r['precision']}: {raw}{warm}; baseline RSS {gib(r['rss_baseline_mib'])} GiB; worker CPU "
               f"{r['cpu_s']:.0f} s, load average at end {r['loadavg'][0]:.1f}; machine probe (Conv3d 64ch 32³ fwd) "
               f"{start:.0f} → {end:.0f} GFLOP/s = {100 * start / ref:.0f} → {100 * end / ref:.0f} % of its "
               f"idle-machine {ref:.0f}")
     sys.stdout.flush()
+
+
+def overhead_table(shape: str, args: argparse.Namespace, results: list[dict[str, Any]]) -> str:
+    """Network-free costs: what volsynth adds (preprocess + inverse) and what both share (cutting + blending)."""
+    rows = []
+    for r in results:
+        o = r["overhead"]
+        share = ""
+        if "monai" in r["times"]:
+            share = f"{100 * o['pipeline_s'] / median(r['times']['monai']):.2f} %"
+        rows.append([shape, f"{args.roi}³", r["precision"], f"{o['pipeline_s']:.3f}", f"{o['blending_s']:.3f}",
+                     share or "–"])
+    return (f"Network-free parts (identity network, medians of {args.overhead_repeats}):\n\n" + markdown_table(
+        ["volume", "roi", "precision", "volsynth preprocess + inverse s", "window cutting + Gaussian blending s",
+         "preprocess + inverse ÷ plain MONAI run"], rows))
 
 
 if __name__ == "__main__":

@@ -107,8 +107,11 @@ def worker(spec: dict[str, Any]) -> None:
     flagship_times: list[float] = []
     unet_times: list[float] = []
     losses: dict[str, float] = {}
+    # Each round: half of the UNet's steps, one flagship step, the other half (U F U with the default 2), so a
+    # slow spell of the shared machine during the long flagship step is bracketed by UNet samples.
+    per_round = spec["unet_steps"]
+    order = ["unet"] * (per_round // 2) + ["flagship"] + ["unet"] * (per_round - per_round // 2)
     for i in range(spec["steps"]):
-        order = ("flagship", "unet") if i % 2 == 0 else ("unet", "flagship")  # ABBA: no contender always first
         for who in order:
             if who == "flagship":
                 with flagship_flops if i == 0 and not flagship_warm else contextlib.nullcontext():
@@ -116,8 +119,8 @@ def worker(spec: dict[str, Any]) -> None:
                 flagship_times.append(seconds)
             else:
                 unet_times.append(timed(unet_step)[0])
-        log(f"  [{size}³ {precision}] step {i + 1}/{spec['steps']}: mdagan {flagship_times[-1]:.2f} s, "
-            f"UNet {unet_times[-1]:.3f} s")
+        log(f"  [{size}³ {precision}] round {i + 1}/{spec['steps']}: mdagan {flagship_times[-1]:.2f} s, "
+            f"UNet {', '.join(f'{t:.3f}' for t in unet_times[-per_round:])} s")
     emit_result({
         "size": size, "precision": precision, "threads": torch.get_num_threads(),
         "params": {**method.parameter_counts(), "unet": sum(p.numel() for p in unet.parameters())},
@@ -143,6 +146,8 @@ def main() -> None:
     parser.add_argument("--unet-channels", type=int, nargs="+", default=[36, 72, 144, 288],
                         help="MONAI UNet widths (default ~6.0 M parameters with 2 residual units)")
     parser.add_argument("--unet-res-units", type=int, default=2)
+    parser.add_argument("--unet-steps", type=int, default=2, help="UNet steps per flagship step, around it (the "
+                        "UNet is cheap; more samples steady its median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-allocator-fix", action="store_true", help="do not set GLIBC_TUNABLES for workers")
     parser.add_argument("--quick", action="store_true", help="smoke run: 32³, fp32, 1 warm-up + 1 step")
@@ -155,15 +160,16 @@ def main() -> None:
         return
     if args.quick:
         args.sizes, args.precisions, args.steps, args.warmup = [32], ["fp32"], 1, 1
-    if args.warmup < 0 or args.steps < 1:
-        parser.error("--warmup must be >= 0 and --steps >= 1")
+    if args.warmup < 0 or args.steps < 1 or args.unet_steps < 1:
+        parser.error("--warmup must be >= 0, --steps and --unet-steps >= 1")
 
     results = []
     for size in args.sizes:
         for precision in args.precisions:
             spec = {"size": size, "precision": precision, "steps": args.steps, "warmup": args.warmup,
                     "config": args.config, "overrides": PAPER_OVERRIDES + args.overrides,
-                    "unet_channels": args.unet_channels, "unet_res_units": args.unet_res_units, "seed": args.seed}
+                    "unet_channels": args.unet_channels, "unet_res_units": args.unet_res_units,
+                    "unet_steps": args.unet_steps, "seed": args.seed}
             log(f"training step {size}³ {precision} ...")
             results.append(run_worker(__file__, spec, allocator_fix=not args.no_allocator_fix))
     report(args, results)
@@ -177,7 +183,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     print(f"mdagan ({args.config}, {' '.join(PAPER_OVERRIDES + args.overrides)}): generator "
           f"{params['generator']:,} + discriminator {params['discriminator']:,} parameters; MONAI UNet "
           f"channels {tuple(args.unet_channels)}, strides 2, {args.unet_res_units} res units: {params['unet']:,} "
-          f"parameters, L1 loss, Adam. Medians of {args.steps} interleaved steps after {warm}; conv GFLOP/s as "
+          f"parameters, L1 loss, Adam. Medians of {args.steps} mdagan and {args.steps * args.unet_steps} UNet steps, "
+          f"interleaved, after {warm}; conv GFLOP/s as "
           "% of the {fp32: 500, bf16: 1000} GFLOP/s ceiling.\n")
     rows = []
     for r in results:
@@ -207,8 +214,10 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
                          rows))
     print("\nRaw step times (s) and worker CPU time:\n")
     for r in results:
-        print(f"- {r['size']}³ {r['precision']}: mdagan {', '.join(f'{t:.2f}' for t in r['flagship_times'])} "
-              f"(warm-up {', '.join(f'{t:.2f}' for t in r['flagship_warmup'])}); UNet "
+        warm = (f" (warm-up {', '.join(f'{t:.2f}' for t in r['flagship_warmup'])})" if r["flagship_warmup"]
+                else " (no warm-up)")
+        print(f"- {r['size']}³ {r['precision']}: mdagan {', '.join(f'{t:.2f}' for t in r['flagship_times'])}"
+              f"{warm}; UNet "
               f"{', '.join(f'{t:.3f}' for t in r['unet_times'])}; worker CPU {r['cpu_s']:.0f} s, load average at "
               f"end {r['loadavg'][0]:.1f}; {probe_text(r)}; last losses "
               f"{', '.join(f'{k}={v:.3g}' for k, v in r['losses'].items())}")

@@ -69,3 +69,14 @@ def test_unknown_method_lists_the_known_ones() -> None:
 
 def test_the_registry_has_every_method_of_the_issues() -> None:
     assert {"mdagan", "resunet_patchgan", "cyclegan3d", "eagan", "regression_unet"} <= set(METHODS.names())
+
+
+def test_paper_checkpoint_predicts_without_imagenet_weights(tmp_path: Path) -> None:
+    """The perception loss is training-only: rebuilding a paper-preset method for inference needs no VGG file."""
+    config = load_config("mdagan-paper", ["method.generator.base_channels=4", "method.perception.weights=/no/such.pth"])
+    trained = build_method(config.method, inference=True)
+    path = save_checkpoint(tmp_path / "m.pt", {"iteration": 0, "config": to_dict(config), "model": trained.state_dict()})
+    method, loaded_config, _ = load_method(path)
+    assert loaded_config.method.perception.weights == "/no/such.pth"  # the saved config is untouched
+    probe = torch.rand(1, 1, 16, 16, 16)
+    torch.testing.assert_close(method.translate(probe), trained.eval().translate(probe))

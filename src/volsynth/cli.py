@@ -122,8 +122,6 @@ def methods(
     config: Annotated[str | None, typer.Option(help="Count parameters for this preset's method settings")] = None,
 ) -> None:
     """List registered methods and their networks' parameter counts (default settings or a preset)."""
-    import dataclasses
-
     import torch
 
     from volsynth.config import PRESET_DIR, load_config
@@ -136,14 +134,9 @@ def methods(
         if chosen is not None and chosen.method.name != name:
             continue
         method_config = chosen.method if chosen is not None else cls.config_class()
-        perception = getattr(method_config, "perception", None)
-        if perception is not None and hasattr(perception, "weights"):
-            # Frozen feature networks are not counted, so their pretrained weights are not needed to count.
-            method_config = dataclasses.replace(method_config, perception=dataclasses.replace(perception,
-                                                                                              weights="random"))
         try:
-            with torch.device("meta"):  # counting parameters needs shapes only
-                counts = build_method(method_config).parameter_counts()
+            with torch.device("meta"):  # counting parameters needs shapes only; frozen feature nets are not counted
+                counts = build_method(method_config, inference=True).parameter_counts()
             sizes = ", ".join(f"{k} {v / 1e6:.3f} M" for k, v in counts.items())
         except Exception as error:  # e.g. perception weights unavailable for a preset
             sizes = f"(cannot build: {error})"
@@ -259,7 +252,7 @@ def downstream(
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("demo_output"),
     subjects: Annotated[int, typer.Option(help="Phantom subjects")] = 8,
-    iterations: Annotated[int, typer.Option(help="Training iterations per method")] = 200,
+    iterations: Annotated[int, typer.Option(help="Training iterations per method")] = 300,
     spacing: Annotated[float, typer.Option(help="Phantom voxel size in mm (coarser = faster)")] = 3.0,
     methods_: Annotated[str, typer.Option("--methods", help="Comma-separated methods to train and compare")
                         ] = "mdagan,regression_unet",

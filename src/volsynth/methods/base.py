@@ -130,6 +130,12 @@ class TranslationMethod(nn.Module, ABC):
     def translate(self, source: Tensor) -> Tensor:
         """Map ``(B, 1, X, Y, Z)`` source in [0, 1] to the target scale, clipped to [0, 1] (eval mode)."""
 
+    @classmethod
+    def inference_config(cls, config: MethodConfig) -> MethodConfig:
+        """The config to rebuild the method for inference/counting: drop training-only parts that need external
+        resources (e.g. pretrained perceptual networks). The saved weights must still load into it."""
+        return config
+
     def networks(self) -> dict[str, nn.Module]:
         """The method's networks by name (for parameter counts); default: its direct sub-modules."""
         return dict(self.named_children())
@@ -146,9 +152,10 @@ class TranslationMethod(nn.Module, ABC):
 METHODS: Registry[type[TranslationMethod]] = Registry("method")
 
 
-def build_method(config: MethodConfig, *, spatial_dims: int = 3) -> TranslationMethod:
-    """Instantiate the registered method named ``config.name``."""
-    return METHODS.get(config.name)(config, spatial_dims=spatial_dims)
+def build_method(config: MethodConfig, *, spatial_dims: int = 3, inference: bool = False) -> TranslationMethod:
+    """Instantiate the registered method named ``config.name`` (``inference``: without training-only parts)."""
+    cls = METHODS.get(config.name)
+    return cls(cls.inference_config(config) if inference else config, spatial_dims=spatial_dims)
 
 
 def set_requires_grad(modules: nn.Module | list[nn.Module], flag: bool) -> None:

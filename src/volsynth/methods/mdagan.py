@@ -23,6 +23,7 @@ Deliberate deviations from the release, each switchable back:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -171,6 +172,13 @@ class MDAGAN(TranslationMethod):
                     f"mdagan's perception loss (method.perception.weights={p.weights!r}) needs VGG-{p.depth} "
                     f"weights: {error} To train without it, set method.perception.weight=0."
                 ) from error
+
+    @classmethod
+    def inference_config(cls, config: MethodConfig) -> MethodConfig:
+        # The perception loss is training-only and its VGG weights are not in the checkpoint: prediction from a
+        # paper-preset checkpoint must not need ImageNet weights.
+        assert isinstance(config, MDAGANConfig)
+        return dataclasses.replace(config, perception=dataclasses.replace(config.perception, weight=0.0))
 
     # ----------------------------------------------------------------------------------------------------------
     # Contract

@@ -51,7 +51,7 @@ def load_method(path: str | Path, *, device: torch.device | str = "cpu"
         config = load_config(state["config"])
     except ValueError as error:
         raise CheckpointError(f"{path}: its saved config is invalid for this volsynth version: {error}") from None
-    method = build_method(config.method)
+    method = build_method(config.method, inference=True)
     try:
         method.load_state_dict(state["model"])
     except RuntimeError as error:
