@@ -252,7 +252,7 @@ def downstream(
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder")] = Path("demo_output"),
     subjects: Annotated[int, typer.Option(help="Phantom subjects")] = 8,
-    iterations: Annotated[int, typer.Option(help="Training iterations per method")] = 300,
+    iterations: Annotated[int, typer.Option(help="Training iterations per method")] = 600,
     spacing: Annotated[float, typer.Option(help="Phantom voxel size in mm (coarser = faster)")] = 3.0,
     methods_: Annotated[str, typer.Option("--methods", help="Comma-separated methods to train and compare")
                         ] = "mdagan,regression_unet",

@@ -213,8 +213,9 @@ def evaluate_predictions(
             profile's default (paper: mr, synthrad2023: ct).
         lpips: ``None`` (not computed), an :class:`LPIPSConfig` (built here; unavailable weights are recorded
             in the summary, never scored as 0) or a ready :class:`LPIPS` model (default slicing options).
-        normalise: for ``paper``/``mr`` only: ``"none"`` (volumes already on [0, 1]) or ``"minmax"`` (the
-            target's own min/max maps both target and prediction, so both share one scale).
+        normalise: for ``paper``/``mr`` only: ``"none"`` (volumes already on [0, 1]) or ``"minmax"`` (the target
+            is min-max scaled by its own range, the scale of volsynth's training targets; predictions are taken
+            as already on [0, 1], as ``volsynth predict`` writes synthetic MR).
         target_modality: with a manifest, which image is the target (default: the manifest's ``target``).
         progress: show a progress bar.
 
@@ -317,8 +318,9 @@ def evaluate_predictions(
                 raise ValueError(f"mask {mask_path} is empty")
         if normalise == "minmax":
             lo, hi = float(ref.min()), float(ref.max())
+            # volsynth writes synthetic MR on the normalised [0, 1] scale (a scanner scale cannot be predicted), the
+            # scale the training targets had after their own per-volume min-max; bring the target there too.
             ref = _minmax(ref, lo, hi, f"target {target_path}")
-            syn = (syn - lo) / (hi - lo)
         try:
             values = compute_metrics(syn, ref, profile=profile, mask=region, modality=modality)
         except ValueError as error:
