@@ -75,7 +75,8 @@ def test_paper_checkpoint_predicts_without_imagenet_weights(tmp_path: Path) -> N
     """The perception loss is training-only: rebuilding a paper-preset method for inference needs no VGG file."""
     config = load_config("mdagan-paper", ["method.generator.base_channels=4", "method.perception.weights=/no/such.pth"])
     trained = build_method(config.method, inference=True)
-    path = save_checkpoint(tmp_path / "m.pt", {"iteration": 0, "config": to_dict(config), "model": trained.state_dict()})
+    state = {"iteration": 0, "config": to_dict(config), "model": trained.state_dict()}
+    path = save_checkpoint(tmp_path / "m.pt", state)
     method, loaded_config, _ = load_method(path)
     assert loaded_config.method.perception.weights == "/no/such.pth"  # the saved config is untouched
     probe = torch.rand(1, 1, 16, 16, 16)

@@ -18,16 +18,16 @@ from volsynth.config import load_config, resolve_config_path
 def run_demo(out: str | Path, *, subjects: int = 8, iterations: int = 600, methods: Sequence[str] = ("mdagan",),
              spacing: float = 2.0, seed: int = 0, progress: bool = True) -> Path:
     """Run the demo into ``out``; returns the report's ``index.html``."""
+    import os
+
+    import torch
+
     from volsynth.data.phantom import make_phantom_cohort
     from volsynth.evaluation.downstream import run_downstream
     from volsynth.evaluation.evaluate import evaluate_predictions
     from volsynth.evaluation.report import build_report
     from volsynth.inference.predict import predict
     from volsynth.training.trainer import train
-
-    import os
-
-    import torch
 
     # Demo tensors are small: on a 2-core machine one intra-op thread is faster than two that fight with any other
     # process for the cores (OpenMP barrier spinning made steps 5–10x slower under load in our measurements).
