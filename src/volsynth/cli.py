@@ -222,14 +222,15 @@ def evaluate(
 
 @app.command(epilog="Example: volsynth report --runs runs/mdagan runs/regression_unet --out report")
 def report(
-    runs: Annotated[list[Path], typer.Option(help="Run folders to compare (repeat or space-separate)")],
+    runs: Annotated[list[Path], typer.Option(help="Run folders to compare (--runs A B C or --runs A --runs B)")],
     out: Annotated[Path, typer.Option(help="Output folder for index.html and PNGs")],
+    more_runs: Annotated[list[Path] | None, typer.Argument(help="More run folders", show_default=False)] = None,
     subjects: Annotated[int, typer.Option(help="Subjects shown in tri-planar figures")] = 3,
 ) -> None:
     """A static HTML comparison (Table-1 style, box plots, tri-planar figures, training curves)."""
     from volsynth.evaluation.report import build_report
 
-    index = build_report(runs, out, subjects_to_show=subjects)
+    index = build_report([*runs, *(more_runs or [])], out, subjects_to_show=subjects)
     _echo(f"Report: {index}")
 
 
@@ -285,13 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
         typer.echo(f"error: {message}", err=True)
         return 2
-    except Exception as error:  # click usage errors carry their own formatting
-        import click
-
-        if isinstance(error, click.ClickException):
+    except Exception as error:
+        # Usage errors from typer's (vendored) click carry their own formatting and exit code.
+        if hasattr(error, "show") and isinstance(getattr(error, "exit_code", None), int):
             error.show()
-            return error.exit_code
-        if isinstance(error, click.exceptions.Abort):
+            return int(error.exit_code)
+        if type(error).__name__ == "Abort":
             return 1
         raise
     return 0
