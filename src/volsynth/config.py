@@ -11,6 +11,7 @@ The ``method`` section is polymorphic: its ``name`` selects a registered method,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -327,7 +328,7 @@ def load_config(source: str | Path | Mapping[str, Any] | None = None, overrides:
             candidate = (path.parent / manifest).resolve()
             if candidate.exists():
                 raw["data"]["manifest"] = str(candidate)
-    raw = apply_overrides(_deep_copy(raw), overrides or [])
+    raw = apply_overrides(copy.deepcopy(raw), overrides or [])
     raw.setdefault("method", {})  # always resolve to the concrete method's dataclass
     try:
         return from_dict(ExperimentConfig, raw)
@@ -341,10 +342,3 @@ def save_config(config: ExperimentConfig, path: str | Path) -> Path:
 
     return atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
 
-
-def _deep_copy(raw: Any) -> Any:
-    if isinstance(raw, dict):
-        return {k: _deep_copy(v) for k, v in raw.items()}
-    if isinstance(raw, list):
-        return [_deep_copy(v) for v in raw]
-    return raw

@@ -1,15 +1,13 @@
-"""Small shared helpers: atomic file writes, seeding, device choice."""
+"""Small shared helpers: atomic file writes and device choice."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import random
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -39,20 +37,6 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write bytes to ``path`` atomically; returns the path."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy's legacy global and torch (code should still pass explicit generators)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

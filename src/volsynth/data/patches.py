@@ -23,7 +23,7 @@ from tqdm import tqdm
 from volsynth.data.discovery import check_pair
 from volsynth.data.io import read_volume
 from volsynth.data.manifest import Subject
-from volsynth.data.preprocess import Preprocessor, PreprocessRecord, resample
+from volsynth.data.preprocess import Grid, Preprocessor, PreprocessRecord, resample
 
 # At most this many candidate centres are stored per subject (a uniform subsample keeps the distribution).
 MAX_CENTRES = 200_000
@@ -99,8 +99,6 @@ def _build_cache(folder: Path, subject: Subject, roles: dict[str, Path | None], 
     if target_volume is not None:
         check_pair(source_volume, target_volume, resample_target=resample_target)
         if not source_volume.same_grid(target_volume):
-            from volsynth.data.preprocess import Grid
-
             target_volume = resample(target_volume, Grid.of(source_volume))
     record = preprocessor.fit(source_volume, target_volume)
     arrays: dict[str, np.ndarray] = {"source": preprocessor.apply(source_volume, record, "source")}

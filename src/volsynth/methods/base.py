@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -170,6 +170,3 @@ def adam(params: Iterator[nn.Parameter] | list[nn.Parameter], train: TrainConfig
     """Adam with the trainer-level defaults unless the method overrides lr/betas."""
     return torch.optim.Adam(list(params), lr=train.lr if lr is None else lr,
                             betas=train.betas if betas is None else betas, weight_decay=train.weight_decay)
-
-
-LossFn = Callable[..., Tensor]

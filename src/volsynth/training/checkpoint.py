@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from volsynth.config import ExperimentConfig, load_config, to_dict
+from volsynth.config import ExperimentConfig, load_config
 from volsynth.methods.base import TranslationMethod, build_method
 from volsynth.utils import atomic_path
 
@@ -58,7 +58,3 @@ def load_method(path: str | Path, *, device: torch.device | str = "cpu"
         raise CheckpointError(f"{path}: weights do not fit method '{config.method.name}': {error}") from None
     method.to(device).eval()
     return method, config, state
-
-
-def config_dict(config: ExperimentConfig) -> dict[str, Any]:
-    return to_dict(config)
