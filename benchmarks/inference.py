@@ -67,7 +67,7 @@ def worker(spec: dict[str, Any]) -> None:
     device = torch.device("cpu")
     precision, roi = spec["precision"], [spec["roi"]] * 3
     config = load_config(spec["config"], spec["overrides"] + [
-        f"data.patch_size={roi}", f"inference.roi_size={roi}", f"inference.overlap={spec['overlap']}",
+        f"data.sampling.patch_size={roi}", f"inference.roi_size={roi}", f"inference.overlap={spec['overlap']}",
         f"inference.sigma_scale={spec['sigma_scale']}", f"inference.sw_batch_size={spec['sw_batch_size']}",
         "inference.blend=gaussian", f"inference.precision={precision}",
     ])

@@ -28,19 +28,20 @@ def main() -> None:
 
     t0 = time.perf_counter()
     from volsynth.data import phantom
+    from volsynth.data.phantom.anatomy import template_anatomy
 
     t_import = time.perf_counter() - t0
     out = args.out or Path(tempfile.mkdtemp(prefix="volsynth-phantom-bench-"))
     try:
         t1 = time.perf_counter()
-        phantom._anatomy(float(args.spacing))  # measured on its own: paid once per process and spacing
+        template_anatomy(float(args.spacing))  # measured on its own: paid once per process and spacing
         t_template = time.perf_counter() - t1
         t2, cpu2 = time.perf_counter(), time.process_time()
         manifest = phantom.make_phantom_cohort(out, args.subjects, seed=args.seed, spacing=args.spacing,
                                                montage=not args.no_montage)
         t_cohort, cpu_cohort = time.perf_counter() - t2, time.process_time() - cpu2
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-        shape = phantom._anatomy(float(args.spacing)).shape
+        shape = template_anatomy(float(args.spacing)).shape
     finally:
         if args.out is None:
             shutil.rmtree(out, ignore_errors=True)

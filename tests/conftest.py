@@ -38,7 +38,9 @@ def write_cohort(root: Path, n_subjects: int = 4, *, shape: tuple[int, int, int]
         paths = {}
         for name, array in (("t1", source), ("t2", target), ("seg", label)):
             paths[name] = write_volume(Volume(array, spacing, (-20.0, 10.0, 5.0)), folder / f"{name}.nii.gz")
-        subjects.append(Subject(f"sub{index:02d}", images={"t1": paths["t1"], "t2": paths["t2"]}, label=paths["seg"]))
+        # The 3-class map doubles as a tissue map (1 CSF-like, 2 GM-like, 3 WM-like) for methods that need one.
+        subjects.append(Subject(f"sub{index:02d}", images={"t1": paths["t1"], "t2": paths["t2"]}, label=paths["seg"],
+                                extra={"tissue": paths["seg"]}))
     return save_manifest(Manifest(subjects, dataset="generic", source="t1", target="t2"), root / "manifest.json")
 
 

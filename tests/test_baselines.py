@@ -11,13 +11,13 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from volsynth.config import TrainConfig, load_config
+from volsynth.config import PRESET_DIR, TrainConfig
+from volsynth.experiment import load_config
 from volsynth.losses.edges import eagan_edge_map, edge_l1_loss, sobel_kernels, sobel_magnitude
 from volsynth.losses.gan import discriminator_adversarial_loss, generator_adversarial_loss
 from volsynth.methods import METHODS, Batch, StepContext, build_method
@@ -29,7 +29,7 @@ from volsynth.nets.pix2pix_unet import Pix2PixUNet
 from volsynth.nets.resnet_generator import ResnetGenerator
 from volsynth.nets.resunet import ResidualBlock, ResUNet
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = PRESET_DIR
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -512,10 +512,10 @@ def test_presets_load_and_fit_their_patches(name: str) -> None:
         assert config.method.name == name and config.data.manifest == ""
         with torch.device("meta"):  # no memory for the 167 M-parameter Ea-GAN generator
             method = build_method(config.method)
-        assert all(p % method.patch_divisor == 0 for p in config.data.patch_size)
+        assert all(p % method.patch_divisor == 0 for p in config.data.sampling.patch_size)
         counts = method.parameter_counts()
         if kind == "cpu":
-            assert config.data.patch_size == (32, 32, 32) and config.train.iterations == 300
+            assert config.data.sampling.patch_size == (32, 32, 32) and config.train.iterations == 300
             assert config.train.precision == "fp32" and config.train.checkpoint_every == 100
             assert sum(counts.values()) < 3e6
         else:

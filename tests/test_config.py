@@ -3,7 +3,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from volsynth.config import ConfigError, ExperimentConfig, load_config, save_config, to_dict
+import volsynth
+from volsynth.config import PRESET_DIR, ExperimentConfig, save_config, to_dict
+from volsynth.errors import ConfigError
+from volsynth.experiment import load_config
 from volsynth.methods.regression_unet import RegressionUNetConfig
 
 
@@ -18,7 +21,11 @@ def test_defaults_resolve_to_the_concrete_method_config() -> None:
     ({"train": {"lerning_rate": 1}}, "Unknown option 'train.lerning_rate'"),
     ({"train": {"precision": "bf61"}}, "Did you mean 'bf16'?"),
     ({"train": {"iterations": "many"}}, "train.iterations: expected an integer"),
-    ({"data": {"patch_size": [32, 32]}}, "data.patch_size: expected 3 values"),
+    ({"data": {"sampling": {"patch_size": [32, 32]}}}, "data.sampling.patch_size: expected 3 values"),
+    ({"data": {"patch_size": [32, 32, 32]}}, "moved to 'data.sampling.patch_size'"),
+    ({"data": {"sampling": {"kind": "slabs"}}}, "Did you mean 'slab'?"),
+    ({"data": {"sampling": {"depth": "everything"}}}, "data.sampling.depth"),
+    ({"data": {"sampling": {"axis": True}}}, "data.sampling.axis"),
     ({"method": {"name": "regresion_unet"}}, "Did you mean 'regression_unet'?"),
     ({"method": {"name": "regression_unet", "chanels": [8]}}, "Did you mean 'channels'?"),
 ])
@@ -29,8 +36,10 @@ def test_strict_loading_names_the_bad_key(raw: dict, message: str) -> None:
 
 def test_overrides_go_through_the_same_validation() -> None:
     config = load_config({"method": {"name": "regression_unet"}},
-                         ["train.lr=2e-4", "data.patch_size=[16,16,24]", "train.grad_clip=null", "seed=7"])
-    assert config.train.lr == 2e-4 and config.data.patch_size == (16, 16, 24) and config.seed == 7
+                         ["train.lr=2e-4", "data.sampling.patch_size=[16,16,24]", "train.grad_clip=null", "seed=7",
+                          "data.sampling.depth=all"])
+    assert config.train.lr == 2e-4 and config.data.sampling.patch_size == (16, 16, 24) and config.seed == 7
+    assert config.data.sampling.depth == "all"
     with pytest.raises(ConfigError, match="Did you mean 'iterations'"):
         load_config({}, ["train.iteratons=5"])
     with pytest.raises(ConfigError, match="must look like"):
@@ -60,8 +69,44 @@ def test_relative_manifest_resolves_against_the_config_file(tmp_path: Path) -> N
     assert Path(load_config(tmp_path / "c.yaml").data.manifest) == (tmp_path / "m.json").resolve()
 
 
-def test_every_preset_loads() -> None:
-    presets = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-    assert presets, "no presets in configs/"
+def test_every_preset_loads_and_ships_as_package_data() -> None:
+    presets = sorted(PRESET_DIR.glob("*.yaml"))
+    assert presets, "no presets in volsynth/configs/"
+    assert PRESET_DIR.parent == Path(volsynth.__file__).parent  # inside the package: works after `pip install`
     for preset in presets:
         assert isinstance(load_config(preset), ExperimentConfig), preset
+        assert isinstance(load_config(preset.stem), ExperimentConfig), preset.stem  # by name
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.iterations=0", "train.iterations must be >= 1, got 0"),
+    ("train.iterations=-5", "train.iterations must be >= 1, got -5"),
+    ("train.checkpoint_every=0", "train.checkpoint_every must be >= 1"),
+    ("train.log_every=0", "train.log_every must be >= 1"),
+    ("train.lr=-1", "train.lr must be > 0"),
+    ("train.lr=.inf", "train.lr: expected a finite number"),
+    ("data.sampling.patch_size=[-8,16,16]", "data.sampling.patch_size must be positive"),
+    ("data.sampling.per_step=0", "data.sampling.per_step must be >= 1"),
+    ("inference.sw_batch_size=0", "inference.sw_batch_size must be >= 1"),
+    ("inference.overlap=1.0", "inference.overlap must be in"),
+    ("data.orientation=RAX", "data.orientation: 'RAX' is not an orientation"),
+    ("train.ema.decay=1.5", "train.ema.decay must be in"),
+    ("data.split.fold=7", r"data.split.fold must be in \[0, 3\]"),
+])
+def test_out_of_range_values_fail_at_load_time_naming_the_option(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config({"method": {"name": "regression_unet"}}, [override])
+
+
+def test_a_method_must_be_named() -> None:
+    with pytest.raises(ConfigError, match=r"method.name is not set: choose one of .*regression_unet"):
+        load_config({})
+
+
+def test_stages_parse_with_their_overrides() -> None:
+    config = load_config({"method": {"name": "regression_unet"}, "stages": [
+        {"name": "warm", "overrides": {"train.lr": 1e-3, "data.sampling.depth": "all"}}, {"name": "main"}]})
+    assert [s.name for s in config.stages] == ["warm", "main"]
+    assert config.stages[0].overrides == {"train.lr": 1e-3, "data.sampling.depth": "all"}
+    with pytest.raises(ConfigError, match=r"stages\[0\].overides"):
+        load_config({"method": {"name": "regression_unet"}, "stages": [{"name": "x", "overides": {}}]})

@@ -10,11 +10,16 @@ from volsynth.cli import main
 
 
 @pytest.mark.slow
-def test_demo_pipeline_end_to_end(tmp_path: Path) -> None:
+def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "demo"
     code = main(["demo", "--out", str(out), "--subjects", "4", "--iterations", "2", "--spacing", "6",
-                 "--methods", "mdagan,regression_unet"])
+                 "--methods", "mdagan,regression_unet", "--seed", "3"])
     assert code == 0
+    printed = capsys.readouterr().out
+    for method in ("mdagan", "regression_unet"):  # one summary line per method, with the ceiling
+        line = next(line for line in printed.splitlines() if line.startswith(f"[demo] {method} "))
+        assert "PSNR" in line and "(ceiling" in line and "masked NMSE" in line and "trained in" in line
+    assert json.loads((out / "demo.json").read_text())["seed"] == 3
     index = out / "report" / "index.html"
     html = index.read_text(encoding="utf-8")
     assert "mdagan" in html and "regression_unet" in html
@@ -26,5 +31,6 @@ def test_demo_pipeline_end_to_end(tmp_path: Path) -> None:
         assert all(0 < float(r["ssim"]) <= 1 for r in rows)
         summary = json.loads((run / "evaluation" / "summary.json").read_text())
         assert summary["ssim"]["n"] == len(test_subjects)
+        assert summary["ceiling"]["psnr"]["n"] == len(test_subjects)  # the phantom's ideal, scored the same way
         assert (run / "downstream").is_dir() or method == "mdagan"  # 2 iterations may leave a flat output
     assert json.loads((out / "timings.json").read_text())["total"] > 0

@@ -1,4 +1,5 @@
-"""Downstream protocols: overlap measures, the tissue GMM, external segmenters, Protocols 1 and 2 (tiny volumes)."""
+"""Downstream protocols (tissue, segment, external): overlap measures, the tissue GMM, external segmenters, run
+folders (predictions.json, staged runs), result files and the printed table. Tiny volumes throughout."""
 
 from __future__ import annotations
 
@@ -14,19 +15,17 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from volsynth.errors import ConfigError, DataError, InputNotFoundError
 from volsynth.evaluation.downstream import (
-    PROTOCOL1_CSV,
-    PROTOCOL1_SUMMARY,
-    PROTOCOL2_CSV,
-    PROTOCOL2_SUMMARY,
-    dice,
+    format_summary,
     load_run_inputs,
     protocol1,
     protocol2,
+    result_files,
     run_downstream,
-    volumetric_similarity,
 )
-from volsynth.evaluation.segmenters import (
+from volsynth.evaluation.downstream.segment import TrainingVolume, sample_patches
+from volsynth.data.segmenters import (
     CONTRAST_ORDERS,
     SEGMENTERS,
     ExternalSegmenter,
@@ -36,6 +35,10 @@ from volsynth.evaluation.segmenters import (
     SegmenterNotAvailableError,
     build_segmenter,
 )
+from volsynth.metrics import dice, volumetric_similarity
+
+TISSUE_CSV, TISSUE_SUMMARY = result_files("tissue")
+SEGMENT_CSV, SEGMENT_SUMMARY = result_files("segment")
 
 # --------------------------------------------------------------------------------------------------------------
 # helpers
@@ -190,23 +193,25 @@ def test_protocol2_gmm_identical_vs_swapped(tissue_cohort: dict[str, dict[str, P
     good = protocol2(tissue_cohort["real"], tissue_cohort["good"], segmenter=seg, masks=tissue_cohort["mask"],
                      out_dir=tmp_path / "good_out", save_segmentations=True)
     assert good["n_subjects"] == 2 and good["segmenter"] == "gmm_tissue"
-    assert good["dice"]["mean"] > 0.95 and good["vs"]["mean"] > 0.95
+    assert good["mean_dice"]["mean"] > 0.95 and good["mean_vs"]["mean"] > 0.95
     for cls in ("csf", "gm", "wm"):
         assert good["per_class"][f"dice_{cls}"]["mean"] > 0.9
 
     bad = protocol2(tissue_cohort["real"], tissue_cohort["swapped"], segmenter=seg, masks=tissue_cohort["mask"],
                     out_dir=tmp_path / "bad_out")
-    assert bad["dice"]["mean"] < good["dice"]["mean"] - 0.3
+    assert bad["mean_dice"]["mean"] < good["mean_dice"]["mean"] - 0.3
     assert bad["per_class"]["dice_gm"]["mean"] < 0.2 and bad["per_class"]["dice_wm"]["mean"] < 0.2
     assert bad["per_class"]["dice_csf"]["mean"] > 0.9  # CSF is still the darkest class
 
     # files: CSV one row per subject with per-class columns, strict-JSON summary, saved label maps
-    with open(tmp_path / "good_out" / PROTOCOL2_CSV) as f:
+    with open(tmp_path / "good_out" / TISSUE_CSV) as f:
         rows = list(csv.DictReader(f))
     assert [r["subject"] for r in rows] == ["S0", "S1"]
-    assert {"dice_csf", "vs_gm", "dice", "vs"} <= set(rows[0])
-    summary = json.loads((tmp_path / "good_out" / PROTOCOL2_SUMMARY).read_text())
-    assert summary["dice"]["mean"] == pytest.approx(good["dice"]["mean"])
+    assert list(rows[0]) == ["subject", "dice_csf", "dice_gm", "dice_wm", "vs_csf", "vs_gm", "vs_wm", "mean_dice",
+                             "mean_vs"]
+    summary = json.loads((tmp_path / "good_out" / TISSUE_SUMMARY).read_text())
+    assert summary["protocol"] == "tissue"
+    assert summary["mean_dice"]["mean"] == pytest.approx(good["mean_dice"]["mean"])
     saved = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "good_out" / "segmentations" / "S0_real.nii.gz")))
     assert set(np.unique(saved)) == {0, 1, 2, 3}
 
@@ -262,7 +267,7 @@ def test_external_segmenter_end_to_end(tmp_path: Path, tissue_cohort: dict[str, 
     # In Protocol 2 without declared labels, every non-zero label found is scored.
     summary = protocol2(tissue_cohort["real"], tissue_cohort["good"], segmenter=seg, out_dir=tmp_path / "ext")
     assert set(summary["labels"]) == {"1", "2"}
-    assert summary["dice"]["mean"] > 0.9
+    assert summary["mean_dice"]["mean"] > 0.9
 
     failing = tmp_path / "fail.py"
     failing.write_text("import sys; sys.exit('boom')\n")
@@ -321,8 +326,8 @@ def test_protocol1_tiny_and_deterministic(tmp_path: Path) -> None:
         for stats in block.values():
             assert stats["n"] == 2 and math.isfinite(stats["mean"]) and 0.0 <= stats["mean"] <= 1.0
     assert first["headline"] == ["WT"]
-    assert (tmp_path / "a" / PROTOCOL1_SUMMARY).is_file()
-    with open(tmp_path / "a" / PROTOCOL1_CSV) as f:
+    assert json.loads((tmp_path / "a" / SEGMENT_SUMMARY).read_text())["protocol"] == "segment"
+    with open(tmp_path / "a" / SEGMENT_CSV) as f:
         rows = list(csv.DictReader(f))
     assert [(r["model"], r["subject"]) for r in rows] == [("synthetic", "L2"), ("synthetic", "L3"),
                                                           ("real", "L2"), ("real", "L3")]
@@ -332,26 +337,114 @@ def test_protocol1_tiny_and_deterministic(tmp_path: Path) -> None:
     assert first["synthetic"] == second["synthetic"]
     assert first["upper_bound"] == second["upper_bound"]
     assert first["final_train_loss"] == second["final_train_loss"]
-    assert (tmp_path / "a" / PROTOCOL1_CSV).read_text() == (tmp_path / "b" / PROTOCOL1_CSV).read_text()
+    assert (tmp_path / "a" / SEGMENT_CSV).read_text() == (tmp_path / "b" / SEGMENT_CSV).read_text()
 
 
 def test_protocol1_validates_inputs(tmp_path: Path) -> None:
     data = lesion_cohort(tmp_path, n_subjects=2)
-    with pytest.raises(ValueError, match="no label for test"):
+    with pytest.raises(DataError, match="segment protocol: no label for test subjects L1"):
         protocol1(None, {"L0": data["synthetic"]["L0"]}, {"L0": data["label"]["L0"]}, {"L1": data["real"]["L1"]},
                   {}, out_dir=tmp_path / "o")
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ConfigError, match=r"patch_size \(12, 12, 12\) must be 3 sizes divisible by 8"):
         protocol1(None, {"L0": data["synthetic"]["L0"]}, {"L0": data["label"]["L0"]}, {"L1": data["real"]["L1"]},
                   {"L1": data["label"]["L1"]}, out_dir=tmp_path / "o", patch_size=(12, 12, 12),
                   channels=(4, 8, 16, 32))
+    empty = {"L0": np.zeros((8, 8, 8), np.uint8)}
+    with pytest.raises(DataError, match="contain no foreground"):
+        protocol1(None, {"L0": data["synthetic"]["L0"]}, empty, {"L1": data["real"]["L1"]},
+                  {"L1": data["label"]["L1"]}, out_dir=tmp_path / "o")
+    with pytest.raises(ConfigError, match="schedule 'cosin'"):
+        protocol1(None, {"L0": data["synthetic"]["L0"]}, {"L0": data["label"]["L0"]}, {"L1": data["real"]["L1"]},
+                  {"L1": data["label"]["L1"]}, out_dir=tmp_path / "o", schedule="cosin")
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_segment_patches_are_foreground_centred_padded_and_seeded() -> None:
+    """Patches come from the trainer's sampling helpers: centred on a labelled voxel, zero-padded at the edge."""
+    image = np.arange(6 * 6 * 6, dtype=np.float32).reshape(6, 6, 6) / 216
+    classes = np.zeros((6, 6, 6), np.uint8)
+    classes[0, 1, 5] = 1  # one labelled voxel in a corner: an 8³ patch around it leaves the volume on every axis
+    volume = TrainingVolume(image, classes, {"pair": np.flatnonzero(classes)})
+    x, y = sample_patches([volume], (8, 8, 8), 4, np.random.default_rng(0), foreground_probability=1.0)
+    assert x.shape == (4, 1, 8, 8, 8) and x.dtype == np.float32 and y.dtype == np.int64
+    for patch, labels in zip(x[:, 0], y[:, 0], strict=True):
+        assert labels.sum() == 1  # the labelled voxel is in every patch …
+        assert patch[labels == 1][0] == image[0, 1, 5]  # … with its own image value (image and labels aligned)
+        assert np.count_nonzero(patch) == 6 * 6 * 6 - 1  # the whole volume (minus its zero voxel) plus padding
+    again = sample_patches([volume], (8, 8, 8), 4, np.random.default_rng(0), foreground_probability=1.0)
+    np.testing.assert_array_equal(x, again[0])
+    np.testing.assert_array_equal(y, again[1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tissue protocol: each class on its own, hand-computed
+
+
+class LabelCopy:
+    """A "segmenter" that returns its input's labels, so real and synthetic label maps are scored directly."""
+
+    def __init__(self) -> None:
+        self.name = "copy"
+        self.labels = {1: "CSF", 2: "GM", 3: "WM"}
+        self.normalise_input = False
+
+    def segment(self, image: np.ndarray, **_: object) -> np.ndarray:
+        return np.rint(image).astype(np.uint16)
+
+
+# Subject A: CSF 2 real / 3 synthetic voxels sharing 1 → Dice 2·1/5 = 0.4, VS 1 − 1/5 = 0.8; GM 4 / 6 sharing 4 →
+# Dice 8/10 = 0.8, VS 1 − 2/10 = 0.8; WM 6 / 3 sharing 3 → Dice 6/9 = 2/3, VS 1 − 3/9 = 2/3.
+REAL_A = [[1, 1, 2, 2], [2, 2, 3, 3], [3, 3, 3, 3], [0, 0, 0, 0]]
+SYNTHETIC_A = [[1, 2, 2, 2], [2, 2, 2, 3], [3, 3, 0, 1], [1, 0, 0, 0]]
+# Subject B: identical maps without CSF → GM and WM Dice = VS = 1, CSF undefined (left out).
+REAL_B = [[2, 2, 3, 3], [2, 2, 3, 3], [0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_tissue_reports_each_class_separately_hand_computed(tmp_path: Path) -> None:
+    def volume(rows: list[list[int]]) -> np.ndarray:
+        return np.asarray(rows, np.float32)[:, :, None]
+
+    summary = protocol2({"A": volume(REAL_A), "B": volume(REAL_B)}, {"A": volume(SYNTHETIC_A), "B": volume(REAL_B)},
+                        segmenter=LabelCopy(), out_dir=tmp_path)
+    per_subject = summary["per_subject"]
+    expected_a = {"dice_csf": 0.4, "dice_gm": 0.8, "dice_wm": 2 / 3, "vs_csf": 0.8, "vs_gm": 0.8, "vs_wm": 2 / 3,
+                  "mean_dice": (0.4 + 0.8 + 2 / 3) / 3, "mean_vs": (0.8 + 0.8 + 2 / 3) / 3}
+    assert per_subject["A"] == pytest.approx(expected_a)
+    assert math.isnan(per_subject["B"]["dice_csf"]) and math.isnan(per_subject["B"]["vs_csf"])
+    assert per_subject["B"]["mean_dice"] == 1.0 and per_subject["B"]["mean_vs"] == 1.0  # CSF left out of B's mean
+
+    per_class = summary["per_class"]
+    assert per_class["dice_csf"] == {"mean": pytest.approx(0.4), "std": None, "n": 1}
+    assert per_class["vs_csf"]["mean"] == pytest.approx(0.8)
+    assert per_class["dice_gm"] == {"mean": pytest.approx(0.9), "std": pytest.approx(0.2 / math.sqrt(2)), "n": 2}
+    assert per_class["vs_gm"]["mean"] == pytest.approx(0.9)
+    assert per_class["dice_wm"] == {"mean": pytest.approx(5 / 6), "std": pytest.approx(1 / 3 / math.sqrt(2)), "n": 2}
+    assert per_class["vs_wm"]["mean"] == pytest.approx(5 / 6)
+    assert summary["mean_dice"]["mean"] == pytest.approx((expected_a["mean_dice"] + 1) / 2)
+    assert summary["mean_vs"]["mean"] == pytest.approx((expected_a["mean_vs"] + 1) / 2)
+
+    with open(tmp_path / TISSUE_CSV) as f:
+        rows = {r["subject"]: r for r in csv.DictReader(f)}
+    assert float(rows["A"]["dice_wm"]) == pytest.approx(2 / 3, abs=1e-6) and rows["B"]["dice_csf"] == "nan"
+    saved = json.loads((tmp_path / TISSUE_SUMMARY).read_text())
+    assert saved["per_subject"]["B"]["dice_csf"] is None  # strict JSON: NaN → null
+    assert saved["per_class"]["dice_gm"]["mean"] == pytest.approx(0.9)
+
+    table = format_summary(summary).splitlines()
+    assert table[0].startswith("tissue: copy on real vs synthetic, 2 subjects")
+    assert table[1].split() == ["class", "Dice", "VS"]
+    assert table[2].split() == ["CSF", "0.400", "0.800"]
+    assert table[3].split() == ["GM", "0.900", "±", "0.141", "0.900", "±", "0.141"]
+    assert table[4].split()[:4] == ["WM", "0.833", "±", "0.236"]
+    assert table[5].split()[0] == "mean" and table[-1] == f"per subject: {tmp_path.resolve() / TISSUE_CSV}"
 
 
 # --------------------------------------------------------------------------------------------------------------
 # from a run folder
 
 
-def make_run(tmp_path: Path, target: str = "t1") -> Path:
-    """A run folder: manifest of 4 phantom subjects (t1 + mask + tissue + label), test split P2, P3 predicted."""
+def make_cohort(tmp_path: Path, target: str = "t1") -> Path:
+    """A manifest of 4 phantom-like subjects (t1 + mask + tissue + label); returns its path."""
     data = tmp_path / "data"
     subjects = []
     for i in range(4):
@@ -367,13 +460,26 @@ def make_run(tmp_path: Path, target: str = "t1") -> Path:
                          "tissue": f"{s}/tissue.nii.gz", "label": f"{s}/seg.nii.gz"})
     (data / "manifest.json").write_text(json.dumps({"format": "volsynth-manifest", "version": 1,
                                                     "subjects": subjects}))
+    return data / "manifest.json"
+
+
+def write_run_files(folder: Path, manifest: Path, target: str = "t1") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(f"method:\n  name: regression_unet\ndata:\n  manifest: {manifest}\n"
+                                        f"  source: t2\n  target: {target}\n")
+    (folder / "splits.json").write_text(json.dumps({"train": ["P0"], "val": ["P1"], "test": ["P2", "P3"]}))
+
+
+def synthetic_of(i: int) -> np.ndarray:
+    return render(tissue_phantom(seed=i)[0], T1_MEANS, seed=9 + i)
+
+
+def make_run(tmp_path: Path, target: str = "t1") -> Path:
+    """A run folder: test split P2, P3, predicted as ``<subject>.nii.gz`` without a predictions.json."""
     run = tmp_path / "run"
-    (run / "predictions").mkdir(parents=True)
-    (run / "config.yaml").write_text(f"method:\n  name: unet\ndata:\n  manifest: {data / 'manifest.json'}\n"
-                                     f"  source: t2\n  target: {target}\n")
-    (run / "splits.json").write_text(json.dumps({"train": ["P0"], "val": ["P1"], "test": ["P2", "P3"]}))
+    write_run_files(run, make_cohort(tmp_path, target), target)
     for i in (2, 3):
-        write_nifti(run / "predictions" / f"P{i}.nii.gz", render(tissue_phantom(seed=i)[0], T1_MEANS, seed=9 + i))
+        write_nifti(run / "predictions" / f"P{i}.nii.gz", synthetic_of(i))
     return run
 
 
@@ -382,30 +488,114 @@ def test_load_run_inputs_and_tissue_protocol(tmp_path: Path) -> None:
     inputs = load_run_inputs(run)
     assert inputs.test_subjects == ["P2", "P3"] and inputs.other_subjects == ["P0", "P1"]
     assert inputs.real["P2"] == (tmp_path / "data" / "P2" / "t1.nii.gz").resolve()
+    assert inputs.synthetic["P3"] == run / "predictions" / "P3.nii.gz"
     assert set(inputs.masks) == set(inputs.tissue) == set(inputs.labels) == {"P0", "P1", "P2", "P3"}
 
     summary = run_downstream(run, protocol="tissue", save_segmentations=True)
-    assert summary["masked"] and summary["excluded"] and summary["n_subjects"] == 2
-    assert summary["dice"]["mean"] > 0.9
+    assert summary["protocol"] == "tissue" and summary["masked"] and summary["excluded"]
+    assert summary["n_subjects"] == 2 and summary["mean_dice"]["mean"] > 0.9
+    for name in ("csf", "gm", "wm"):  # HiFi-Syn's columns, each class on its own
+        assert summary["per_class"][f"dice_{name}"]["n"] == 2 and summary["per_class"][f"vs_{name}"]["n"] == 2
+    assert sorted(p.name for p in (run / "downstream").glob("*.*")) == ["tissue.csv", "tissue_summary.json"]
     saved = sitk.GetArrayFromImage(sitk.ReadImage(str(run / "downstream" / "segmentations" / "P2_synthetic.nii.gz")))
     assert np.all(saved[10:13, 10:13, 10:13] == 0) and set(np.unique(saved)) == {0, 1, 2, 3}
-    with pytest.raises(ValueError, match="Did you mean 'tissue'"):
+
+
+def test_run_errors_name_the_option_or_file(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    with pytest.raises(ConfigError, match=r"--protocol 'tisue': unknown downstream protocol\. Did you mean 'tissue'"):
         run_downstream(run, protocol="tisue")
+    with pytest.raises(ConfigError, match="--protocol external needs command="):
+        run_downstream(run, protocol="external")
     with pytest.raises(SegmenterNotAvailableError, match="TotalSegmentator"):
         run_downstream(run, protocol="external", command="TotalSegmentator -i {input} -o {output} --ml")
+    with pytest.raises(InputNotFoundError, match=r"--run .*nowhere: run folder not found"):
+        run_downstream(tmp_path / "nowhere")
+    empty = tmp_path / "empty_run"
+    write_run_files(empty, tmp_path / "data" / "manifest.json")
+    with pytest.raises(InputNotFoundError, match=r"empty_run/predictions: no predictions"):
+        run_downstream(empty)
+    (empty / "config.yaml").write_text("data:\n  manifest: missing.json\n")
+    with pytest.raises(InputNotFoundError, match=r"config\.yaml: cannot find the manifest named by data\.manifest"):
+        load_run_inputs(empty)
+
+
+def test_predictions_are_found_through_predictions_json(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_run_files(run, make_cohort(tmp_path))
+    predictions = run / "predictions"
+    write_nifti(predictions / "P2_synthetic-t1.nii.gz", synthetic_of(2))
+    write_nifti(predictions / "elsewhere" / "third.nii.gz", synthetic_of(3))
+    write_nifti(predictions / "P3.nii.gz", np.zeros((24, 24, 24), np.float32))  # an older file the index dropped
+    index = {"format": "volsynth-predictions", "version": 1, "outputs": {
+        "P2": {"file": "P2_synthetic-t1.nii.gz"}, "P3": {"file": "elsewhere/third.nii.gz"}}}
+    (predictions / "predictions.json").write_text(json.dumps(index))
+    inputs = load_run_inputs(run)
+    assert inputs.synthetic == {"P2": predictions / "P2_synthetic-t1.nii.gz",
+                                "P3": predictions / "elsewhere" / "third.nii.gz"}
+    assert run_downstream(run, protocol="tissue")["mean_dice"]["mean"] > 0.9
+
+    del index["outputs"]["P3"]  # the index is the truth: P3.nii.gz beside it is not P3's prediction
+    (predictions / "predictions.json").write_text(json.dumps(index))
+    assert load_run_inputs(run).test_subjects == ["P2"]
+    index["outputs"]["P3"] = {"file": "gone.nii.gz"}
+    (predictions / "predictions.json").write_text(json.dumps(index))
+    with pytest.raises(InputNotFoundError, match=r"gone\.nii\.gz: listed in .*predictions\.json for subject 'P3'"):
+        load_run_inputs(run)
+    (predictions / "predictions.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"predictions\.json: not a readable predictions index"):
+        load_run_inputs(run)
+
+    (predictions / "predictions.json").unlink()  # without an index: the names predict and users give
+    inputs = load_run_inputs(run)
+    assert inputs.synthetic == {"P2": predictions / "P2_synthetic-t1.nii.gz", "P3": predictions / "P3.nii.gz"}
+
+
+def test_staged_run_reads_its_final_stage(tmp_path: Path) -> None:
+    """A staged run keeps config and splits in its stage folders; predictions and results stay at the top."""
+    run = tmp_path / "staged"
+    manifest = make_cohort(tmp_path)
+    (run / "1-autoencoder").mkdir(parents=True)
+    (run / "1-autoencoder" / "config.yaml").write_text("data:\n  manifest: missing.json\n")  # not the final stage
+    write_run_files(run / "2-volumetric", manifest)
+    (run / "stages.json").write_text(json.dumps({"stages": [{"folder": "1-autoencoder"}, {"folder": "2-volumetric"}]}))
+    for i in (2, 3):
+        write_nifti(run / "predictions" / f"P{i}_synthetic-t1.nii.gz", synthetic_of(i))
+    inputs = load_run_inputs(run)
+    assert inputs.manifest == manifest.resolve() and inputs.test_subjects == ["P2", "P3"]
+    summary = run_downstream(run, protocol="tissue")
+    assert (run / "downstream" / TISSUE_SUMMARY).is_file() and summary["n_subjects"] == 2
+    assert not (run / "2-volumetric" / "downstream").exists()
 
 
 def test_tissue_protocol_infers_order_for_unknown_contrast(tmp_path: Path) -> None:
     run = make_run(tmp_path, target="mystery")  # not a known contrast: order measured on the tissue maps
     summary = run_downstream(run, protocol="tissue")
-    assert "order=(1, 2, 3)" in summary["segmenter_repr"] and summary["dice"]["mean"] > 0.9
+    assert "order=(1, 2, 3)" in summary["segmenter_repr"] and summary["mean_dice"]["mean"] > 0.9
 
 
 def test_segment_protocol_from_run(tmp_path: Path) -> None:
     run = make_run(tmp_path)
     summary = run_downstream(run, protocol="segment", iterations=2, patch_size=(16, 16, 16), channels=(4, 8),
-                             num_res_units=0)
+                             num_res_units=0, progress=False)
+    assert summary["protocol"] == "segment"
     assert summary["subjects"] == {"train": ["P2", "P3"], "test": ["P0", "P1"]}
+    assert summary["labels"] == {"2": "ED"} and summary["regions"] == {"whole": [2]}  # BraTS names
     assert summary["headline"] == ["whole"] and summary["upper_bound"] is not None
     assert math.isfinite(summary["synthetic"]["dice"]["mean"])
-    assert (run / "downstream" / PROTOCOL1_CSV).is_file()
+    assert (run / "downstream" / SEGMENT_CSV).is_file()
+    table = format_summary(summary).splitlines()
+    assert table[0] == "segment: UNet trained on synthetic images of 2 subjects, Dice on the real images of 2 subjects"
+    assert [line.split()[0] for line in table[1:5]] == ["class", "whole", "ED", "headline"]
+
+
+def test_cli_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from volsynth.cli import main
+
+    run = make_run(tmp_path)
+    assert main(["downstream", "--run", str(run), "--protocol", "tissue"]) == 0
+    printed = capsys.readouterr().out
+    assert "class" in printed and "GM" in printed and "mean" in printed and "{" not in printed
+    assert main(["downstream", "--run", str(tmp_path / "nowhere")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "run folder not found" in error

@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from volsynth.config import load_config
+from volsynth.data.cache import prepare_subject
 from volsynth.data.manifest import load_manifest
-from volsynth.data.patches import prepare_subject
 from volsynth.data.phantom import make_phantom_cohort
 from volsynth.data.preprocess import Preprocessor
-from volsynth.inference.sliding_window import translate_array
-from volsynth.methods import build_method
-from volsynth.training.checkpoint import load_method
+from volsynth.experiment import load_config, load_method
+from volsynth.inferers import SlidingWindowInferer
+from volsynth.methods import TranslationMethod, build_method
 from volsynth.training.trainer import train
 
 
@@ -21,8 +20,8 @@ from volsynth.training.trainer import train
 def test_mdagan_cpu_halves_validation_l1_and_beats_the_mean(tmp_path: Path) -> None:
     manifest = make_phantom_cohort(tmp_path / "phantom", 2, seed=3, spacing=4.0, lesion_probability=0.0,
                                    contrasts=("t1", "t2"), montage=False)
-    overrides = [f"data.manifest={manifest}", "data.source=t1", "data.target=t2", "data.split.mode=manifest",
-                 "data.patch_size=[16,16,16]", "train.iterations=300", "train.val_every=1000",
+    overrides = [f"data.manifest={manifest}", "data.split.mode=manifest",
+                 "data.sampling.patch_size=[16,16,16]", "train.iterations=300", "train.val_every=1000",
                  "train.checkpoint_every=1000", "train.progress=false", "train.lr=1e-3", "inference.overlap=0.5",
                  "inference.sw_batch_size=8"]
     # Subject 0 trains, subject 1 validates.
@@ -32,6 +31,7 @@ def test_mdagan_cpu_halves_validation_l1_and_beats_the_mean(tmp_path: Path) -> N
     raw = json.loads(manifest.read_text())
     for entry, split in zip(raw["subjects"], ("train", "val"), strict=True):
         entry["split"] = split
+    raw["source"], raw["target"] = "t1", "t2"
     manifest.write_text(json.dumps(raw))
     config = load_config("mdagan-cpu", overrides)
     torch.manual_seed(config.seed)
@@ -39,12 +39,13 @@ def test_mdagan_cpu_halves_validation_l1_and_beats_the_mean(tmp_path: Path) -> N
     train(config, tmp_path / "run")
     trained, trained_config, _ = load_method(tmp_path / "run/checkpoints/last.pt")
     preprocessor = Preprocessor(trained_config.data, spacing=trained_config.data.spacing, divisor=8)
+    inferer = SlidingWindowInferer(roi_size=(16, 16, 16), overlap=0.5, batch=8)
     val = prepare_subject(document.by_name()["Phantom_00001"], source="t1", target="t2", preprocessor=preprocessor,
                           cache_dir=tmp_path / "cache")
     source, target = np.asarray(val.source), np.asarray(val.target)
 
-    def l1(method: torch.nn.Module) -> float:
-        synthetic = translate_array(method, source, roi_size=(16, 16, 16), overlap=0.5, sw_batch_size=8)
+    def l1(method: TranslationMethod) -> float:
+        synthetic = method.infer(source, inferer, device=torch.device("cpu"))
         return float(np.abs(synthetic - target).mean())
 
     before, after = l1(initial), l1(trained)

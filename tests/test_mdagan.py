@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from volsynth.config import ConfigError, ExperimentConfig, TrainConfig, load_config
+from volsynth.config import PRESET_DIR, ExperimentConfig, TrainConfig
+from volsynth.errors import ConfigError
+from volsynth.experiment import load_checkpoint, load_config
 from volsynth.losses.relativistic import (
     bce_discriminator_loss,
     bce_generator_loss,
@@ -28,10 +30,9 @@ from volsynth.methods.mdagan import (
     PerceptionConfig,
 )
 from volsynth.nets.vgg import VGGWeightsUnavailable
-from volsynth.training.checkpoint import load_checkpoint
 from volsynth.training.trainer import train
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = PRESET_DIR
 TINY_G = GeneratorConfig(base_channels=4, growth_rates=(2, 2, 4, 4), rdbs_per_block=1, convs_per_rdb=3)
 TINY_D = DiscriminatorConfig(base_channels=4)
 NO_PERCEPTION = PerceptionConfig(weight=0.0)
@@ -113,7 +114,7 @@ def test_presets_load_and_cpu_preset_builds() -> None:
     paper = load_config(CONFIGS / "mdagan-paper.yaml")
     assert isinstance(cpu.method, MDAGANConfig) and isinstance(paper.method, MDAGANConfig)
     assert cpu.method.perception.weight == 0.0  # no silent random-VGG "perception" loss
-    assert paper.data.patch_size == (96, 96, 96) and paper.data.patches_per_step == 3
+    assert paper.data.sampling.patch_size == (96, 96, 96) and paper.data.sampling.per_step == 3
     assert paper.train.iterations == 100_000 and paper.train.schedule.milestones == [20000, 40000, 60000, 80000]
     assert paper.method.adversarial.weight == pytest.approx(1e-4)
     assert paper.method == MDAGANConfig()  # the dataclass defaults are the paper settings
@@ -262,7 +263,8 @@ def test_trainer_runs_and_resumes_bit_exact(cohort: Path, tmp_path: Path) -> Non
     """The lead's trainer drives mdagan (two optimisers, spectral-norm buffers in the checkpoint) reproducibly."""
     def config(*extra: str) -> ExperimentConfig:
         return load_config(CONFIGS / "mdagan-cpu.yaml", [
-            f"data.manifest={cohort}", "data.patch_size=[16,16,16]", "data.patches_per_step=1", "train.iterations=4",
+            f"data.manifest={cohort}", "data.sampling.patch_size=[16,16,16]", "data.sampling.per_step=1",
+            "train.iterations=4",
             "train.checkpoint_every=2", "train.val_every=2", "train.log_every=1", "train.progress=false",
             "method.generator.base_channels=4", "method.generator.growth_rates=[2,2,4,4]",
             "method.generator.rdbs_per_block=1", "inference.overlap=0.25", "inference.sw_batch_size=8", *extra])

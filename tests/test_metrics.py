@@ -15,12 +15,15 @@ from skimage.metrics import structural_similarity as sk_ssim
 from skimage.util import crop as sk_crop
 
 from volsynth.evaluation import lpips as lp
-from volsynth.evaluation.metrics import (
+from volsynth.metrics import (
+    NORMALISATIONS,
     compute_metrics,
     ct_window_to_unit,
     mae,
     metric_names,
+    minmax_unit,
     nmse,
+    normalise_pair,
     psnr,
     ssim,
     ssim_map,
@@ -175,6 +178,65 @@ def test_paper_profile_without_mask_matches_skimage_and_ct_is_windowed() -> None
     np.testing.assert_allclose(
         ct_window_to_unit(np.array([-2000.0, -1024.0, 988.0, 3000.0, 5000.0])), [0.0, 0.0, 0.5, 1.0, 1.0]
     )
+
+
+def _seed_evaluate_iqa(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """The seed's evaluate_iqa.py for an MR target, re-typed: each volume min-max normalised on its own, then
+    scikit-image SSIM/PSNR with data_range 1 on the 3D array and NMSE = MSE / Var(GT)."""
+    g = (gt - gt.min()) / (gt.max() - gt.min())
+    p = (pred - pred.min()) / (pred.max() - pred.min())
+    return {"ssim": sk_ssim(g, p, data_range=1.0), "psnr": sk_psnr(g, p, data_range=1.0),
+            "nmse": np.mean((g - p) ** 2) / np.var(g)}
+
+
+def test_paper_normalisation_reproduces_the_seed_evaluation() -> None:
+    synthetic, target = _structured_pair()
+    raw_target = target * 850.0 + 40.0  # MR-like scanner units
+    raw_synthetic = synthetic * 0.9 + 0.1  # a prediction on its own [0, 1]-ish scale
+    got = compute_metrics(raw_synthetic, raw_target, profile="paper", normalise="paper")
+    expected = _seed_evaluate_iqa(raw_target, raw_synthetic)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
+    assert NORMALISATIONS == ("paper", "target", "none")
+
+
+def test_paper_normalisation_ignores_an_affine_change_of_the_prediction() -> None:
+    """Golden: 0.8·x + 0.05 scores exactly as x under the paper's definition, not under target-only."""
+    synthetic, target = _structured_pair()
+    mask = np.zeros(target.shape, dtype=bool)
+    mask[4:20, 4:18, 4:16] = True
+    raw_target = target * 600.0 + 25.0
+    plain = compute_metrics(synthetic, raw_target, profile="paper", normalise="paper", mask=mask)
+    scaled = compute_metrics(0.8 * synthetic + 0.05, raw_target, profile="paper", normalise="paper", mask=mask)
+    assert set(plain) == set(scaled) == set(metric_names("paper", masked=True))
+    for key in plain:
+        assert scaled[key] == pytest.approx(plain[key], rel=1e-12, abs=1e-13), key
+    plain_t = compute_metrics(synthetic, raw_target, profile="paper", normalise="target", mask=mask)
+    scaled_t = compute_metrics(0.8 * synthetic + 0.05, raw_target, profile="paper", normalise="target", mask=mask)
+    for key in ("ssim", "psnr", "nmse", "mae", "psnr_mask"):
+        assert abs(scaled_t[key] - plain_t[key]) > 1e-3 * max(1.0, abs(plain_t[key])), key
+    # Target-only: the target is min-max normalised, the prediction is scored as given.
+    t01 = (raw_target - raw_target.min()) / np.ptp(raw_target)
+    assert plain_t["psnr"] == pytest.approx(sk_psnr(t01, synthetic, data_range=1.0), abs=1e-9)
+    # none: as given; the default of the pure function (volsynth evaluate chooses "paper" for MR).
+    assert compute_metrics(synthetic, t01, profile="paper") == compute_metrics(synthetic, t01, profile="paper",
+                                                                              normalise="none")
+
+
+def test_normalisation_edge_cases() -> None:
+    target = np.linspace(0.0, 3.0, 8 * 8 * 8).reshape(8, 8, 8)
+    np.testing.assert_allclose(minmax_unit(target), target / 3.0, rtol=1e-15)
+    # A constant prediction has no range: zeros (the seed would divide by zero); a constant target is an error.
+    x, y = normalise_pair(np.full(target.shape, 5.0), target, "paper")
+    assert np.all(x == 0.0) and y.max() == 1.0
+    with pytest.raises(ValueError, match=r"target is constant \(2\.0\)"):
+        normalise_pair(target, np.full(target.shape, 2.0), "target")
+    with pytest.raises(ValueError, match="Did you mean 'target'"):
+        normalise_pair(target, target, "targt")
+    with pytest.raises(ValueError, match="MR only"):
+        compute_metrics(target, target, profile="paper", modality="ct", normalise="paper")
+    with pytest.raises(ValueError, match="MR only"):
+        compute_metrics(target, target, profile="synthrad2023", normalise="target")
 
 
 def _synthrad2023_reference(gt: np.ndarray, pred: np.ndarray, mask: np.ndarray) -> dict[str, float]:

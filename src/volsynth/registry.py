@@ -10,6 +10,8 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from volsynth.errors import VolsynthError
+
 T = TypeVar("T")
 
 
@@ -19,7 +21,7 @@ def suggest(name: str, options: list[str] | tuple[str, ...] | set[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-class UnknownNameError(KeyError, ValueError):
+class UnknownNameError(VolsynthError, KeyError, ValueError):
     """An unknown registry name; the message lists the known names and the closest match."""
 
     def __str__(self) -> str:  # KeyError would print the message quoted

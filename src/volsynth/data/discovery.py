@@ -14,6 +14,7 @@ NaN/Inf, all-zero volumes, mismatched grids) instead of stopping at the first, a
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections import Counter
@@ -28,6 +29,7 @@ from volsynth.config import SplitConfig
 from volsynth.data.io import IMAGE_SUFFIXES, VolumeError, image_suffix, read_volume, strip_image_suffix
 from volsynth.data.manifest import Manifest, ManifestError, Subject, load_manifest
 from volsynth.data.volume import Volume
+from volsynth.errors import ConfigError, DataError
 
 LABEL_NAMES = ("seg", "label", "labels")
 MASK_NAMES = ("mask", "brainmask", "brain_mask")
@@ -61,6 +63,8 @@ class Fingerprint:
     problems: list[Problem] = field(default_factory=list)
     splits: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    source: str | None = None
+    target: str | None = None
 
     @property
     def errors(self) -> list[Problem]:
@@ -74,6 +78,7 @@ class Fingerprint:
     def render(self) -> str:
         """Plain-text report for the terminal."""
         lines = [f"Dataset: {self.dataset} at {self.root}",
+                 f"Task: {self.source} → {self.target} (written into the manifest; `volsynth train` uses it)",
                  f"Subjects: {self.subjects}  complete pairs: {self.complete_pairs}  "
                  f"incomplete: {len(self.incomplete)}"]
         if self.median_spacing:
@@ -83,7 +88,8 @@ class Fingerprint:
             orientations = ", ".join(f"{k} x{v}" for k, v in stats["orientations"].items())
             pct = stats.get("percentiles", {})
             pct_text = "  ".join(f"p{k}={v:.4g}" for k, v in pct.items())
-            lines += [f"  {modality}: {stats['count']} files; shapes {shapes}; orientations {orientations}",
+            role = " (source)" if modality == self.source else " (target)" if modality == self.target else ""
+            lines += [f"  {modality}{role}: {stats['count']} files; shapes {shapes}; orientations {orientations}",
                       f"      intensity {pct_text}"]
         for name, members in self.splits.items():
             lines.append(f"Split {name}: {len(members)} subjects")
@@ -113,6 +119,8 @@ def _assign(subject: Subject, name: str, path: Path) -> None:
         subject.mask = path
     elif lowered == "tissue":
         subject.extra["tissue"] = path
+    elif lowered.endswith("_ideal"):  # a phantom's noise-free expected image of a contrast (its physical ceiling)
+        subject.extra.setdefault("ideal", {})[lowered[: -len("_ideal")]] = path
     else:
         subject.images[lowered] = path
 
@@ -225,12 +233,13 @@ def volume_problems(volume: Volume, *, label: bool = False) -> list[str]:
 
 
 def check_pair(source: Volume, target: Volume, *, resample_target: bool = False) -> None:
-    """Raise ``ValueError`` stating both grids when source and target are not on the same voxel grid."""
+    """Raise :class:`DataError` stating both grids when source and target are not on the same voxel grid."""
     if source.same_grid(target) or resample_target:
         return
-    raise ValueError(f"source and target are on different grids:\n  source {source.path}: {source.describe_grid()}"
-                     f"\n  target {target.path}: {target.describe_grid()}\nRegister/resample them first, or pass "
-                     "--resample-target to resample the target onto the source grid (linear).")
+    raise DataError(f"source and target are on different grids: source {source.path} ({source.describe_grid()}) "
+                    f"vs target {target.path} ({target.describe_grid()}); register/resample them first, or resample "
+                    "the target onto the source grid (linear) with `inspect --resample-target` / `train --set "
+                    "data.resample_target=true`")
 
 
 def _percentiles(arrays: list[np.ndarray], rng: np.random.Generator) -> dict[str, float]:
@@ -328,7 +337,7 @@ def inspect_cohort(manifest: Manifest, *, source: str, target: str, resample_tar
         dataset=manifest.dataset, root=str(root), subjects=len(manifest.subjects),
         complete_pairs=len(manifest.subjects) - len(incomplete), incomplete=incomplete, modalities=stats,
         median_spacing=[float(v) for v in np.median(np.asarray(spacings), axis=0)] if spacings else None,
-        problems=problems, notes=notes,
+        problems=problems, notes=notes, source=source, target=target,
     )
     if split is not None:
         fingerprint.splits = make_splits(usable, split)
@@ -351,14 +360,16 @@ def make_splits(subjects: Sequence[str], config: SplitConfig, assigned: dict[str
     * ``manifest``: the ``split`` field of each manifest entry (``assigned``).
     """
     names = sorted(subjects)
+    if config.mode == "auto":  # the manifest's own split when it has one (what `inspect`/`phantom` wrote)
+        config = dataclasses.replace(config, mode="manifest" if assigned else "paper")
     if config.mode == "manifest":
         if not assigned:
-            raise ValueError("split.mode 'manifest' needs a 'split' field in the manifest entries")
+            raise ConfigError("data.split.mode 'manifest' needs a 'split' field in the manifest entries")
         return {part: [n for n in names if assigned.get(n) == part] for part in ("train", "val", "test")}
     if config.folds < 2 and config.mode != "random":
-        raise ValueError(f"split.folds must be >= 2, got {config.folds}")
+        raise ConfigError(f"split.folds must be >= 2, got {config.folds}")
     if not 0 <= config.fold < max(config.folds, 1):
-        raise ValueError(f"split.fold must be in [0, {config.folds - 1}], got {config.fold}")
+        raise ConfigError(f"split.fold must be in [0, {config.folds - 1}], got {config.fold}")
     if config.mode in ("kfold", "random"):
         random.Random(config.seed).shuffle(names)
     if config.mode == "random":

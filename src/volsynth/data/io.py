@@ -7,6 +7,7 @@ outputs are written under a temporary name in the destination folder and renamed
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import tempfile
@@ -17,11 +18,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from volsynth.data.volume import Volume
+from volsynth.errors import DataError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
-class VolumeError(ValueError):
+class VolumeError(DataError):
     """A volume cannot be used; ``str()`` names the file and the problem."""
 
     def __init__(self, path: str | Path | None, problem: str) -> None:
@@ -47,8 +49,16 @@ def strip_image_suffix(path: str | Path) -> str:
 
 
 def is_dicom_dir(path: str | Path) -> bool:
+    """Whether a folder holds a DICOM series (GDCM's "no series found" warning is silenced: it is an answer)."""
     path = Path(path)
-    return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    if not path.is_dir():
+        return False
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def read_volume(path: str | Path, *, series_id: str | None = None, check_finite: bool = True) -> Volume:
@@ -61,6 +71,8 @@ def read_volume(path: str | Path, *, series_id: str | None = None, check_finite:
     path = Path(path)
     if not path.exists():
         raise VolumeError(path, "file not found")
+    if path.is_file() and path.stat().st_size == 0:
+        raise VolumeError(path, "empty file (0 bytes)")
     try:
         if path.is_dir():
             image = _read_dicom_series(path, series_id)
@@ -73,9 +85,7 @@ def read_volume(path: str | Path, *, series_id: str | None = None, check_finite:
         raise
     except RuntimeError as error:
         # ITK reports truncated gzip streams, bad headers and short data as RuntimeError; keep the first line.
-        detail = str(error).strip().splitlines()
-        reason = next((line for line in detail if "rror" in line or "xception" in line), detail[-1] if detail else "")
-        raise VolumeError(path, f"unreadable or truncated image ({reason.strip()[:300]})") from None
+        raise VolumeError(path, _unreadable_reason(path, error)) from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise VolumeError(path, f"expected a single-channel image, got {image.GetNumberOfComponentsPerPixel()} "
                                 "components per voxel (a vector/RGB or 4D image)")
@@ -98,6 +108,35 @@ def read_volume(path: str | Path, *, series_id: str | None = None, check_finite:
             kinds = [n for n, m in (("NaN", np.isnan(values)), ("Inf", np.isinf(values))) if m.any()]
             raise VolumeError(path, f"contains {' and '.join(kinds)} values ({int(bad.sum())} voxels)")
     return volume
+
+
+def _unreadable_reason(path: Path, error: Exception) -> str:
+    """A reason a person can act on, instead of ITK's internal source-file message."""
+    suffix = image_suffix(path)
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(352)
+    except OSError as os_error:
+        return f"cannot be read ({os_error.strerror})"
+    if suffix == ".nii.gz" and not head.startswith(b"\x1f\x8b"):
+        return "not a gzip-compressed NIfTI file (the .nii.gz name does not match its content)"
+    if suffix in (".nii", ".nii.gz"):
+        import gzip
+        import zlib
+
+        try:
+            header = gzip.decompress(path.read_bytes())[:352] if suffix == ".nii.gz" else head
+        except (OSError, EOFError, zlib.error):
+            return "truncated or corrupt gzip stream"
+        if len(header) < 348 or (int.from_bytes(header[:4], "little") not in (348, 540) and \
+                int.from_bytes(header[:4], "big") not in (348, 540)):
+            return "not a NIfTI file (no NIfTI header)"
+        return "truncated NIfTI file (the voxel data is shorter than its header says)"
+    if suffix in (".nrrd", ".nhdr") and not head.startswith(b"NRRD"):
+        return "not an NRRD file (no NRRD magic)"
+    detail = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    reason = next((line for line in detail if ("rror" in line or "xception" in line) and ".cxx" not in line), "")
+    return f"unreadable or truncated image{f' ({reason[:200]})' if reason else ''}"
 
 
 def _nifti_values(path: Path) -> np.ndarray:
@@ -135,27 +174,66 @@ def _read_dicom_series(folder: Path, series_id: str | None) -> sitk.Image:
     return reader.Execute()
 
 
-def write_volume(volume: Volume, path: str | Path, *, compress: bool = True) -> Path:
+def write_volume(volume: Volume, path: str | Path, *, compress: bool = True, description: str | None = None) -> Path:
     """Write ``volume`` to ``path`` atomically; the format follows the suffix (a suffix-less path = DICOM folder).
 
     Geometry is written exactly (spacing, origin, oblique or flipped direction). Integer and boolean arrays stay
     integer (booleans are written as uint8). MetaImage headers are renamed into place after their data file.
+    ``description`` goes into the format's description field (NIfTI ``descrip``, NRRD ``content``, MetaImage
+    ``Comment``, DICOM SeriesDescription), e.g. to mark a volume as synthetic.
     """
     path = Path(path)
     suffix = image_suffix(path)
     if not suffix:
-        return write_dicom_series(volume, path)
+        return write_dicom_series(volume, path, series_description=description or "volsynth")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         staged = staging / path.name
-        sitk.WriteImage(volume.to_sitk(), str(staged), useCompression=compress and suffix != ".nii")
+        image = volume.to_sitk()
+        if description and suffix in (".nii", ".nii.gz"):
+            # ITK's NIfTI writer ignores the dictionary's `descrip`: write plain NIfTI, set the 80-byte header field
+            # (offset 148 in NIfTI-1) and compress here.
+            plain = staging / (path.name[: -len(suffix)] + ".nii")
+            sitk.WriteImage(image, str(plain), useCompression=False)
+            _set_nifti_description(plain, description)
+            if suffix == ".nii.gz":
+                with plain.open("rb") as source, gzip.open(staged, "wb", compresslevel=6) as target:
+                    shutil.copyfileobj(source, target, 1 << 20)
+                plain.unlink()
+        else:
+            if description:
+                image.SetMetaData("content" if suffix in (".nrrd", ".nhdr") else "Comment", description)
+            sitk.WriteImage(image, str(staged), useCompression=compress and suffix != ".nii")
         # Data files first, the header (the file users open) last, so a reader never sees a dangling header.
         for item in sorted(staging.iterdir(), key=lambda p: p.name == path.name):
             os.replace(item, path.parent / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _set_nifti_description(path: Path, description: str) -> None:
+    encoded = description.encode("ascii", "replace")[:79]
+    with path.open("r+b") as handle:
+        handle.seek(148)
+        handle.write(encoded.ljust(80, b"\0"))
+
+
+def read_description(path: str | Path) -> str:
+    """The description field written by :func:`write_volume` (NIfTI ``descrip``; others via ITK metadata)."""
+    path = Path(path)
+    if image_suffix(path) in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        return bytes(nib.load(str(path)).header["descrip"]).decode("ascii", "replace").rstrip("\0")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    for key in ("content", "Comment", "0008|103e"):
+        if reader.HasMetaDataKey(key):
+            return reader.GetMetaData(key)
+    return ""
 
 
 def write_dicom_series(volume: Volume, folder: str | Path, *, modality: str = "OT",

@@ -15,17 +15,34 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from volsynth.errors import ManifestError
 from volsynth.utils import atomic_write_text
 
 FORMAT = "volsynth-manifest"
+# Label maps a manifest entry may carry besides `images` (each a path); `label` is the segmentation (BraTS labels),
+# `tissue` a tissue map (CSF/GM/WM …). Training can carry one of them in every batch (data.sampling.labels).
+LABEL_KEYS = ("label", "tissue")
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+__all__ = ["FORMAT", "LABEL_KEYS", "Manifest", "ManifestError", "Subject", "check_subject_name", "load_manifest",
+           "save_manifest"]
 
 
-class ManifestError(ValueError):
-    """A manifest is missing, malformed, or lacks a requested modality; the message names the file."""
+def check_subject_name(name: str, where: str = "manifest") -> str:
+    """A subject name is used in output file names: no separators, no ``..``, not absolute, no odd characters.
+
+    Raises:
+        ManifestError: naming ``where`` and the bad name (the probe wrote outside --out with ``../../x``).
+    """
+    if not isinstance(name, str) or not _NAME_PATTERN.match(name) or ".." in name:
+        raise ManifestError(f"{where}: subject name {name!r} is not allowed; use letters, digits and . _ + - only "
+                            "(no path separators, no '..', not absolute)")
+    return name
 
 
 @dataclass
@@ -41,6 +58,19 @@ class Subject:
 
     def image(self, modality: str) -> Path | None:
         return self.images.get(modality)
+
+    def label_map(self, name: str) -> Path | None:
+        """The label map called ``name`` (``label``: the segmentation; ``tissue`` …), or None."""
+        if name == "label":
+            return self.label
+        value = self.extra.get(name)
+        return value if isinstance(value, Path) else None
+
+    def ideal(self, modality: str) -> Path | None:
+        """A noise-free expected image of ``modality`` (phantom cohorts), or None."""
+        ideal = self.extra.get("ideal")
+        value = ideal.get(modality) if isinstance(ideal, dict) else None
+        return value if isinstance(value, Path) else None
 
 
 @dataclass
@@ -95,7 +125,11 @@ def save_manifest(manifest: Manifest, path: str | Path) -> Path:
         if s.split:
             entry["split"] = s.split
         for key, value in s.extra.items():
-            entry[key] = _relative(value, root) if isinstance(value, Path) else value
+            if isinstance(value, Path):
+                value = _relative(value, root)
+            elif isinstance(value, dict):
+                value = {k: _relative(v, root) if isinstance(v, Path) else v for k, v in value.items()}
+            entry[key] = value
         subjects.append(entry)
     document = {"format": FORMAT, "version": 1, "dataset": manifest.dataset, "source": manifest.source,
                 "target": manifest.target, **manifest.info, "subjects": subjects}
@@ -133,15 +167,25 @@ def load_manifest(path: str | Path) -> Manifest:
     for index, entry in enumerate(document["subjects"]):
         if not isinstance(entry, dict) or not entry.get("subject"):
             raise ManifestError(f"{path}: subject entry {index} lacks a 'subject' name")
-        images = {str(m): p for m, v in (entry.get("images") or {}).items() if (p := resolve(v)) is not None}
+        check_subject_name(entry["subject"], f"{path}: subject entry {index}")
+        raw_images = entry.get("images") or {}
+        if not isinstance(raw_images, dict):
+            raise ManifestError(f"{path}: subject {entry['subject']}: 'images' must map modality names to paths, "
+                                f"got {type(raw_images).__name__}")
+        images = {str(m): p for m, v in raw_images.items() if (p := resolve(v)) is not None}
         for role, default_name in (("source", document.get("source")), ("target", document.get("target"))):
             value = resolve(entry.get(role))
             if value is not None:
                 images.setdefault(str(default_name or role), value)
         known = {"subject", "images", "source", "target", "label", "mask", "split"}
-        extra = {k: (resolve(v) if k in ("tissue",) else v) for k, v in entry.items() if k not in known}
+        extra = {k: (resolve(v) if k in LABEL_KEYS else v) for k, v in entry.items() if k not in known}
+        if isinstance(extra.get("ideal"), dict):
+            extra["ideal"] = {str(m): resolve(v) for m, v in extra["ideal"].items()}
+        split = entry.get("split") or None
+        if split not in (None, "train", "val", "test"):
+            raise ManifestError(f"{path}: subject {entry['subject']}: split {split!r} is not train, val or test")
         subjects.append(Subject(subject=str(entry["subject"]), images=images, label=resolve(entry.get("label")),
-                                mask=resolve(entry.get("mask")), extra=extra, split=entry.get("split") or None))
+                                mask=resolve(entry.get("mask")), extra=extra, split=split))
     names = [s.subject for s in subjects]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -1,8 +1,9 @@
 """Modality-aware, invertible preprocessing.
 
-Forward: (optionally resample the target onto the source grid) → resample to the working spacing (linear for
-images, nearest for labels) → crop to the source foreground → pad to a multiple of the network divisor (and at
-least the patch size) → scale intensities to [0, 1]. Every step's parameters go into a
+Forward: (optionally resample the target onto the source grid) → reorient to the canonical axis codes (an exact
+permutation/flip, :mod:`volsynth.data.orientation`) → resample to the working spacing (linear for images, nearest
+for labels) → crop to the source foreground → pad each axis to a multiple of the network's divisor (and at least
+the patch size) → scale intensities to [0, 1]. Every step's parameters go into a
 :class:`PreprocessRecord` (JSON-serialisable), so :meth:`Preprocessor.invert` maps a prediction back onto the
 input's exact grid (shape, spacing, origin, direction) and units (HU for CT).
 
@@ -25,6 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from volsynth.config import DataConfig
+from volsynth.data.orientation import Reorientation
 from volsynth.data.volume import Volume
 
 CT_RANGE = (-1024.0, 3000.0)
@@ -89,22 +91,30 @@ class PreprocessRecord:
     """Everything needed to undo preprocessing for one subject."""
 
     original: Grid  # the source's grid as read
-    working: Grid  # after resampling to the working spacing (before crop/pad)
+    working: Grid  # after reorientation and resampling to the working spacing (before crop/pad)
     crop_start: list[int]
     crop_stop: list[int]
     pad_before: list[int]
     pad_after: list[int]
     intensity: dict[str, IntensityScaling] = field(default_factory=dict)  # role → scaling (source, target)
+    oriented: Grid | None = None  # the source's grid after reorientation (None: not reoriented)
+    orientation: dict[str, list] | None = None  # Reorientation.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PreprocessRecord:
+        oriented = data.get("oriented")
         return cls(original=Grid(**data["original"]), working=Grid(**data["working"]),
                    crop_start=list(data["crop_start"]), crop_stop=list(data["crop_stop"]),
                    pad_before=list(data["pad_before"]), pad_after=list(data["pad_after"]),
-                   intensity={k: IntensityScaling(**v) for k, v in data.get("intensity", {}).items()})
+                   intensity={k: IntensityScaling(**v) for k, v in data.get("intensity", {}).items()},
+                   oriented=Grid(**oriented) if oriented else None, orientation=data.get("orientation"))
+
+    @property
+    def reorientation(self) -> Reorientation:
+        return Reorientation.from_dict(self.orientation) if self.orientation else Reorientation()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -142,22 +152,43 @@ class Preprocessor:
     """Applies (and inverts) the preprocessing described by a :class:`DataConfig`.
 
     Args:
-        config: the data section (kinds, normalisation, patch size, foreground threshold).
+        config: the data section (kinds, normalisation, orientation, sampling, foreground threshold).
         spacing: working spacing in mm (``None`` keeps each volume's own spacing).
-        divisor: pad shapes to a multiple of this (the network's ``patch_divisor``).
+        divisor: pad each axis to a multiple of this (the method's ``shape_divisor``; an int means all axes).
+        crop_foreground: crop to the source's non-background bounding box (+ 2 voxels).
     """
 
-    def __init__(self, config: DataConfig, *, spacing: Sequence[float] | None = None, divisor: int = 8,
-                 crop_foreground: bool = True) -> None:
+    def __init__(self, config: DataConfig, *, spacing: Sequence[float] | None = None,
+                 divisor: int | Sequence[int] = 8, crop_foreground: bool = True) -> None:
         self.config = config
         self.spacing = list(spacing) if spacing is not None else None
-        self.divisor = divisor
+        self.divisor = [int(divisor)] * 3 if isinstance(divisor, int) else [int(d) for d in divisor]
         self.crop_foreground = crop_foreground
 
+    @property
+    def minimum_shape(self) -> list[int]:
+        """Each preprocessed volume is at least a patch (patch sampling); slabs are padded by their sampler."""
+        sampling = self.config.sampling
+        return list(sampling.patch_size) if sampling.kind == "patch" else [1, 1, 1]
+
+    def options(self) -> dict[str, Any]:
+        """Everything that changes the preprocessed arrays (the cache key)."""
+        config = self.config
+        return {"spacing": self.spacing, "divisor": self.divisor, "crop": self.crop_foreground,
+                "minimum": self.minimum_shape, "orientation": config.orientation,
+                "source_kind": config.source_kind, "target_kind": config.target_kind,
+                "norm": config.mr_normalisation, "pct": list(config.percentiles)}
+
     # Forward ------------------------------------------------------------------------------------------------
+    def reorientation(self, volume: Volume) -> Reorientation:
+        codes = self.config.orientation
+        return Reorientation.plan(volume.direction, codes) if codes else Reorientation()
+
     def fit(self, source: Volume, target: Volume | None = None) -> PreprocessRecord:
-        """Decide grids, crop/pad and intensity scalings from the source (and target) volumes."""
-        working = working_grid(source, self.spacing)
+        """Decide orientation, grids, crop/pad and intensity scalings from the source (and target) volumes."""
+        reorientation = self.reorientation(source)
+        oriented = reorientation.apply(source)
+        working = working_grid(oriented, self.spacing)
         intensity = {"source": IntensityScaling.fit(source.array, self.config.source_kind,
                                                     mr_normalisation=self.config.mr_normalisation,
                                                     percentiles=self.config.percentiles)}
@@ -165,7 +196,7 @@ class Preprocessor:
             intensity["target"] = IntensityScaling.fit(target.array, self.config.target_kind,
                                                        mr_normalisation=self.config.mr_normalisation,
                                                        percentiles=self.config.percentiles)
-        resampled = self._to_working(source, working, label=False)
+        resampled = self._to_working(oriented, working, label=False)
         shape = resampled.shape
         start, stop = [0, 0, 0], list(shape)
         if self.crop_foreground:
@@ -175,15 +206,14 @@ class Preprocessor:
                 margin = 2
                 start = [max(0, int(c.min()) - margin) for c in coords]
                 stop = [min(n, int(c.max()) + 1 + margin) for c, n in zip(coords, shape, strict=True)]
-        minimum = list(self.config.patch_size)
         before, after = [], []
-        for a, b, m in zip(start, stop, minimum, strict=True):
+        for a, b, m, d in zip(start, stop, self.minimum_shape, self.divisor, strict=True):
             size = b - a
-            padded = max(m, -(-size // self.divisor) * self.divisor)
-            padded = -(-padded // self.divisor) * self.divisor
+            padded = -(-max(m, size) // d) * d
             before.append((padded - size) // 2)
             after.append(padded - size - (padded - size) // 2)
-        return PreprocessRecord(Grid.of(source), working, start, stop, before, after, intensity)
+        return PreprocessRecord(Grid.of(source), working, start, stop, before, after, intensity,
+                                oriented=Grid.of(oriented), orientation=reorientation.to_dict())
 
     def _to_working(self, volume: Volume, working: Grid, *, label: bool) -> Volume:
         if Grid.of(volume) == working:
@@ -196,13 +226,13 @@ class Preprocessor:
 
     def apply(self, volume: Volume, record: PreprocessRecord, role: str) -> np.ndarray:
         """An image (``role`` = ``source``/``target``) → float32 [0, 1] array of ``record.shape``."""
-        working = self._to_working(volume, record.working, label=False)
+        working = self._to_working(record.reorientation.apply(volume), record.working, label=False)
         scaled = record.intensity[role].apply(working.array)
         return self._crop_pad(scaled, record)
 
     def apply_label(self, volume: Volume, record: PreprocessRecord) -> np.ndarray:
         """A label map or mask → integer array of ``record.shape`` (nearest-neighbour resampling)."""
-        working = self._to_working(volume, record.working, label=True)
+        working = self._to_working(record.reorientation.apply(volume), record.working, label=True)
         return self._crop_pad(working.array, record)
 
     # Inverse -------------------------------------------------------------------------------------------------
@@ -223,13 +253,17 @@ class Preprocessor:
         box = tuple(slice(a, b) for a, b in zip(record.crop_start, record.crop_stop, strict=True))
         working[box] = array[inner]
         volume = record.working.volume(working)
-        if record.working != record.original:
-            volume = resample(volume, record.original, label=label)
+        oriented = record.oriented or record.original
+        if record.working != oriented:
+            volume = resample(volume, oriented, label=label)
+        # Undo the reorientation exactly; the original grid's geometry is restored verbatim (no float drift).
+        values = np.ascontiguousarray(record.reorientation.invert_array(volume.array))
+        volume = record.original.volume(values)
         if label:
             return volume
         scaling = scaling or record.intensity.get(role)
-        values = scaling.invert(volume.array) if scaling is not None else np.clip(volume.array, 0, 1)
-        return volume.with_array(values.astype(np.float32))
+        restored = scaling.invert(volume.array) if scaling is not None else np.clip(volume.array, 0, 1)
+        return volume.with_array(restored.astype(np.float32))
 
 
 def prediction_scaling(kind: Kind) -> IntensityScaling | None:

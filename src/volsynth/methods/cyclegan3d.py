@@ -31,11 +31,21 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from monai.networks.utils import eval_mode
 from torch import Tensor, nn
 
 from volsynth.config import MethodConfig, TrainConfig
 from volsynth.losses.gan import discriminator_adversarial_loss, generator_adversarial_loss
-from volsynth.methods.base import METHODS, Batch, StepContext, TranslationMethod, adam, set_requires_grad
+from volsynth.methods.base import (
+    METHODS,
+    Batch,
+    StepContext,
+    TranslationMethod,
+    adam,
+    set_requires_grad,
+    to_data_scale,
+    to_network_scale,
+)
 from volsynth.nets.patchgan import ImagePool, PatchDiscriminator, init_gan_weights
 from volsynth.nets.resnet_generator import ResnetGenerator
 
@@ -59,14 +69,6 @@ class CycleGAN3DConfig(MethodConfig):
     init_std: float | None = 0.02  # CycleGAN init N(0, 0.02); null = PyTorch default
 
 
-def to_network_scale(image: Tensor) -> Tensor:
-    """[0, 1] data → the generators' [−1, 1] scale."""
-    return image * 2 - 1
-
-
-def to_data_scale(image: Tensor) -> Tensor:
-    """[−1, 1] network output → [0, 1] data scale."""
-    return (image + 1) / 2
 
 
 @METHODS.register("cyclegan3d")
@@ -156,11 +158,6 @@ class CycleGAN3D(TranslationMethod):
                 "source_critic": float(source_critic_loss.detach()),
                 "discriminator": float(critic_loss.detach())}
 
-    @torch.no_grad()
-    def translate(self, source: Tensor) -> Tensor:
-        was_training = self.source_to_target.training
-        self.source_to_target.eval()
-        try:
+    def translate(self, source: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:
+        with eval_mode(self):
             return self(source).clamp(0, 1)
-        finally:
-            self.source_to_target.train(was_training)

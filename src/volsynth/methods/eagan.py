@@ -37,12 +37,22 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from monai.networks.utils import eval_mode
 from torch import Tensor, nn
 
 from volsynth.config import MethodConfig, TrainConfig
 from volsynth.losses.edges import eagan_edge_map, edge_l1_loss
 from volsynth.losses.gan import discriminator_adversarial_loss, generator_adversarial_loss
-from volsynth.methods.base import METHODS, Batch, StepContext, TranslationMethod, adam, set_requires_grad
+from volsynth.methods.base import (
+    METHODS,
+    Batch,
+    StepContext,
+    TranslationMethod,
+    adam,
+    set_requires_grad,
+    to_data_scale,
+    to_network_scale,
+)
 from volsynth.nets.patchgan import ImagePool, PatchDiscriminator, init_gan_weights
 from volsynth.nets.pix2pix_unet import Pix2PixUNet
 from volsynth.nets.resunet import ResUNet
@@ -83,14 +93,6 @@ def edge_weight(progress: float, *, weight: float = 100.0, ramp_end: float = 20 
     return weight * min(1.0, max(0.0, progress) / ramp_end)
 
 
-def to_network_scale(image: Tensor) -> Tensor:
-    """[0, 1] data → the generator's [−1, 1] scale."""
-    return image * 2 - 1
-
-
-def to_data_scale(image: Tensor) -> Tensor:
-    """[−1, 1] network output → [0, 1] data scale."""
-    return (image + 1) / 2
 
 
 @METHODS.register("eagan")
@@ -168,11 +170,7 @@ class EaGAN(TranslationMethod):
                 "l1": float(l1.detach()), "edge": float(edges.detach()), "edge_weight": weight,
                 "discriminator": float(critic_loss.detach())}
 
-    @torch.no_grad()
-    def translate(self, source: Tensor) -> Tensor:
-        was_training = self.generator.training
-        self.generator.eval()  # BatchNorm running statistics and no dropout, as Ea-GAN's test mode
-        try:
+    def translate(self, source: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:
+        # BatchNorm running statistics and no dropout, as Ea-GAN's test mode
+        with eval_mode(self):
             return self(source).clamp(0, 1)
-        finally:
-            self.generator.train(was_training)

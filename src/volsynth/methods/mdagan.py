@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from monai.networks.utils import eval_mode
 from torch import Tensor, nn
 
 from volsynth.config import MethodConfig, TrainConfig
@@ -206,16 +207,10 @@ class MDAGAN(TranslationMethod):
         """Generator outputs by level (``level_0``: ``(B, 1, *spatial)``, ``level_k``: spatial / 2**k)."""
         return self.generator(source)
 
-    @torch.no_grad()
-    def translate(self, source: Tensor) -> Tensor:
+    def translate(self, source: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:
         """``(B, 1, X, Y, Z)`` source in [0, 1] → full-resolution synthetic target, eval mode, clipped to [0, 1]."""
-        was_training = self.generator.training
-        self.generator.eval()
-        try:
-            synthetic = self.generator(source)[level_key(0)]
-        finally:
-            self.generator.train(was_training)
-        return synthetic.float().clamp(0.0, 1.0)
+        with eval_mode(self.generator):
+            return self.generator(source)[level_key(0)].float().clamp(0.0, 1.0)
 
     # ----------------------------------------------------------------------------------------------------------
     # Losses

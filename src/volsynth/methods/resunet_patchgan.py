@@ -32,11 +32,21 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from monai.networks.utils import eval_mode
 from torch import Tensor, nn
 
 from volsynth.config import MethodConfig, TrainConfig
 from volsynth.losses.gan import GanLossKind, discriminator_adversarial_loss, generator_adversarial_loss
-from volsynth.methods.base import METHODS, Batch, StepContext, TranslationMethod, adam, set_requires_grad
+from volsynth.methods.base import (
+    METHODS,
+    Batch,
+    StepContext,
+    TranslationMethod,
+    adam,
+    set_requires_grad,
+    to_data_scale,
+    to_network_scale,
+)
 from volsynth.nets.patchgan import PatchDiscriminator, init_gan_weights
 from volsynth.nets.resunet import ResUNet
 
@@ -60,14 +70,6 @@ class ResUNetPatchGANConfig(MethodConfig):
     init_std: float | None = 0.02
 
 
-def to_network_scale(image: Tensor) -> Tensor:
-    """[0, 1] data → the generator's [−1, 1] scale."""
-    return image * 2 - 1
-
-
-def to_data_scale(image: Tensor) -> Tensor:
-    """[−1, 1] network output → [0, 1] data scale."""
-    return (image + 1) / 2
 
 
 @METHODS.register("resunet_patchgan")
@@ -127,11 +129,7 @@ class ResUNetPatchGAN(TranslationMethod):
         return {"generator": float(generator_loss.detach()), "adversarial": float(adversarial.detach()),
                 "l1": float(l1.detach()), "discriminator": float(critic_loss.detach())}
 
-    @torch.no_grad()
-    def translate(self, source: Tensor) -> Tensor:
-        was_training = self.generator.training
-        self.generator.eval()  # BN running statistics: see the module docstring
-        try:
+    def translate(self, source: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:
+        # BN running statistics: see the module docstring
+        with eval_mode(self):
             return self(source).clamp(0, 1)
-        finally:
-            self.generator.train(was_training)

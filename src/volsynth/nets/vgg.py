@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from volsynth.errors import VolsynthError
+
 # The torchvision ImageNet checkpoints (the same files torchvision downloads); file names carry the hash prefix
 # that torch.hub checks.
 IMAGENET_URLS: dict[int, str] = {
@@ -47,7 +49,7 @@ def relu_indices(depth: int) -> dict[str, int]:
     return names
 
 
-class VGGWeightsUnavailable(RuntimeError):
+class VGGWeightsUnavailable(VolsynthError, RuntimeError):
     """VGG weights were needed but could not be found or loaded; the message says how to provide them."""
 
 

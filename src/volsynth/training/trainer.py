@@ -1,88 +1,90 @@
 """The one trainer: runs every registered method the same way.
 
-Iteration-based. Each iteration draws its patches from a numpy generator seeded by ``(seed, iteration, rank)``
-and reseeds torch from the same triple, so a run stopped at iteration N and resumed gives bit-identical weights
-to an uninterrupted run. The trainer owns everything that is not method-specific: device, AMP, optimiser
-schedules, gradient clipping, validation, logging (CSV, optional TensorBoard, progress bar) and atomic
-checkpoints (``last.pt`` every ``checkpoint_every`` iterations, ``best.pt`` on the best validation SSIM).
+Reads like the loop it is::
 
-DDP-ready: only rank 0 logs and writes checkpoints; ranks draw different patches via the rank in the seed.
+    accept the run (device, config, manifest, output folder) ─ nothing is written before this succeeds
+    build the method, its data, optimisers, schedules (and resume or init_from)
+    for each iteration: draw items → method.train_step → schedules → log → validate → checkpoint
+
+Iteration-based. Each iteration draws its items from a numpy generator seeded by ``(seed, iteration, rank)`` and
+reseeds torch from the same triple, so a run stopped at iteration N and resumed gives bit-identical weights to an
+uninterrupted run. The trainer owns everything that is not method-specific: device, AMP, optimiser schedules,
+gradient clipping, weight averaging, validation, logging and atomic checkpoints (``last.pt`` every
+``checkpoint_every`` iterations, ``best.pt`` on the best ``train.best_metric``). Under ``torchrun`` it trains
+with DistributedDataParallel (:mod:`volsynth.training.distributed`): rank 0 alone logs, validates and writes.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
+import dataclasses
+import fcntl
 import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
-from volsynth.config import ExperimentConfig, ScheduleConfig, save_config, to_dict
-from volsynth.data.discovery import make_splits
-from volsynth.data.manifest import Manifest, load_manifest
-from volsynth.data.patches import PatchSampler, PreparedSubject, prepare_cohort
-from volsynth.data.preprocess import Preprocessor
-from volsynth.inference.sliding_window import translate_array
+from volsynth.config import ExperimentConfig, save_config, to_dict
+from volsynth.data.sampling import KEYS, build_sampler
+from volsynth.errors import CheckpointError, ConfigError, OutputError, TrainingDivergedError
+from volsynth.experiment import checkpoint_config, load_checkpoint, save_checkpoint
 from volsynth.methods.base import Batch, StepContext, TranslationMethod, build_method
-from volsynth.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from volsynth.utils import atomic_write_text, resolve_device
+from volsynth.run import RunFolder
+from volsynth.training.data import Task, prepare_subjects, resolve_task
+from volsynth.training.distributed import Distributed
+from volsynth.training.ema import WeightAverage
+from volsynth.training.logs import RunLogger
+from volsynth.training.optim import make_scheduler
+from volsynth.utils import atomic_write_text, native_bf16, resolve_device
 
+# Keys that may differ when a run is resumed: how long it runs and how it reports, never what or how it learns.
+RESUMABLE_KEYS = ("train.iterations", "train.max_seconds", "train.checkpoint_every", "train.val_every",
+                  "train.log_every", "train.progress", "train.tensorboard", "train.threads", "train.device",
+                  "train.distributed_timeout", "train.channels_last", "data.cache_dir")
+LOWER_IS_BETTER = ("l1", "mae", "mse", "nmse", "loss")
 log = logging.getLogger(__name__)
 
 
-def distributed_context() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment (0, 1 when not distributed)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: fp16 (+ loss scaling) on CUDA, bf16 on CPUs that compute it natively, else fp32."""
     if precision == "auto":
-        return "fp16" if device.type == "cuda" else "bf16"
+        if device.type == "cuda":
+            return "fp16"
+        return "bf16" if native_bf16(device) else "fp32"
     if precision == "fp16" and device.type == "cpu":
-        raise ValueError("precision fp16 needs CUDA; use bf16 on CPU")
+        raise ConfigError("train.precision fp16 needs CUDA; use bf16 (or fp32) on a CPU")
     return precision
 
 
-def median_spacing(manifest: Manifest, subjects: list[str], modality: str) -> list[float]:
-    """Median voxel spacing of ``modality`` over ``subjects`` (headers only, no voxel data read)."""
-    by_name = manifest.by_name()
-    spacings = []
-    for name in subjects:
-        path = by_name[name].image(modality)
-        if path is None:
-            continue
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        spacings.append(reader.GetSpacing()[:3])
-    if not spacings:
-        raise ValueError(f"no '{modality}' images to compute the median spacing from")
-    return [float(v) for v in np.median(np.asarray(spacings), axis=0)]
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, iterations: int
-                   ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The configured schedule, stepped once per iteration (milestones are in iterations)."""
-    if schedule.kind == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(schedule.milestones),
-                                                    gamma=schedule.gamma)
-    if schedule.kind == "linear_decay":
-        start, span = schedule.decay_start, max(1, iterations - schedule.decay_start)
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0 if it < start
-                                                 else max(0.0, 1.0 - (it - start) / span))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
-
-
-def _iteration_seed(seed: int, iteration: int, rank: int) -> int:
+def iteration_seed(seed: int, iteration: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, iteration, rank]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+def flat_config(config: ExperimentConfig) -> dict[str, Any]:
+    """``{"train.lr": 1e-4, …}``: the resolved config as dotted keys (to compare two configs)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else key)
+        else:
+            out[prefix] = node
+
+    walk(to_dict(config), "")
+    return out
+
+
+def higher_is_better(metric: str) -> bool:
+    return not any(metric == k or metric.endswith(f"_{k}") for k in LOWER_IS_BETTER)
 
 
 @dataclass
@@ -91,231 +93,331 @@ class TrainResult:
     iterations: int
     last_checkpoint: Path
     best_checkpoint: Path | None
-    best_ssim: float | None
+    best_score: float | None
+    best_iteration: int | None
     seconds: float
 
 
 class Trainer:
-    """Trains ``config.method`` on ``config.data`` and writes everything into ``out_dir``.
+    """Trains ``config.method`` on ``config.data`` and writes everything into ``out_dir`` (see :mod:`volsynth.run`).
 
-    Run folder: ``config.yaml`` (resolved), ``splits.json``, ``log.csv``, ``validation.csv``,
-    ``checkpoints/{last,best}.pt``, ``cache/`` (preprocessed volumes, reusable).
+    Args:
+        config: the experiment (``data.source``/``target``/``split`` may be left to the manifest).
+        out_dir: the run folder: new (or empty), or an existing run with ``resume``.
+        resume: continue the run in ``out_dir`` from ``checkpoints/last.pt``.
+        echo: where the banner and the validation lines go (default: printed when ``train.progress``).
     """
 
-    def __init__(self, config: ExperimentConfig, out_dir: str | Path, *, resume: bool = False) -> None:
-        self.config = config
-        self.out_dir = Path(out_dir)
+    def __init__(self, config: ExperimentConfig, out_dir: str | Path, *, resume: bool = False,
+                 echo: Callable[[str], None] | None = None, provenance: dict[str, Any] | None = None) -> None:
+        self.provenance = dict(provenance or {})  # how the run was asked for (command, preset, overrides)
+        self.run = RunFolder.of(out_dir)
         self.resume = resume
-        self.rank, self.world_size = distributed_context()
-        self.is_main = self.rank == 0
-        self.device = resolve_device(config.train.device)
+        self.dist = Distributed.from_env()
+        self.device = self.dist.device(resolve_device(config.train.device))  # device errors before any work
         self.precision = resolve_precision(config.train.precision, self.device)
-        if not config.data.manifest:
-            raise ValueError("data.manifest is not set: pass --data MANIFEST (from `volsynth inspect` or "
-                             "`volsynth phantom`) or --set data.manifest=PATH")
+        self._echo = echo
+        self.config = config
 
-    # Setup ------------------------------------------------------------------------------------------------------
-    def _prepare_data(self, method: TranslationMethod) -> tuple[list[PreparedSubject], list[PreparedSubject]]:
-        data = self.config.data
-        manifest = load_manifest(data.manifest)
-        manifest.require(data.source, data.target)
-        complete = [s.subject for s in manifest.subjects if data.source in s.images and data.target in s.images]
-        assigned = {s.subject: s.split for s in manifest.subjects if s.split}
-        splits = make_splits(complete, data.split, assigned)
-        if not splits["train"]:
-            raise ValueError(f"{data.manifest}: no training subjects after the split ({len(complete)} complete pairs)")
-        if data.spacing is None:  # the paper resamples to the cohort's median spacing; freeze it into the config
-            data.spacing = median_spacing(manifest, splits["train"], data.source)
-        if self.is_main:
-            atomic_write_text(self.out_dir / "splits.json", json.dumps(splits, indent=2) + "\n")
-        if any(p % method.patch_divisor for p in data.patch_size):
-            raise ValueError(f"data.patch_size {list(data.patch_size)} must be a multiple of "
-                             f"{method.patch_divisor} for method '{self.config.method.name}'")
-        self.preprocessor = Preprocessor(data, spacing=data.spacing, divisor=method.patch_divisor)
-        cache = Path(data.cache_dir) if data.cache_dir else self.out_dir / "cache"
-        by_name = manifest.by_name()
-        prepare = lambda names: prepare_cohort(  # noqa: E731
-            [by_name[n] for n in names], source=data.source, target=data.target, preprocessor=self.preprocessor,
-            cache_dir=cache, resample_target=data.resample_target, progress=self.config.train.progress)
-        return prepare(splits["train"]), prepare(splits["val"])
+    @property
+    def out_dir(self) -> Path:
+        return self.run.root
 
-    # Validation -------------------------------------------------------------------------------------------------
-    def validate(self, method: TranslationMethod, subjects: list[PreparedSubject]) -> dict[str, float]:
-        """Full-volume SSIM/PSNR (data range 1, preprocessed space) averaged over validation subjects."""
-        from volsynth.evaluation.metrics import psnr, ssim
+    def say(self, text: str) -> None:
+        if not self.dist.is_main:
+            return
+        if self._echo is not None:
+            self._echo(text)
+        elif self.config.train.progress:
+            tqdm.write(text)
 
-        inference = self.config.inference
-        roi = inference.roi_size or self.config.data.patch_size
-        scores: dict[str, list[float]] = {"ssim": [], "psnr": []}
-        for subject in subjects:
-            synthetic = translate_array(method, np.asarray(subject.source), roi_size=roi, overlap=inference.overlap,
-                                        sigma_scale=inference.sigma_scale, sw_batch_size=inference.sw_batch_size,
-                                        blend=inference.blend, precision=inference.precision, device=self.device)
-            target = np.asarray(subject.target)
-            scores["ssim"].append(ssim(synthetic, target, data_range=1.0))
-            scores["psnr"].append(psnr(synthetic, target, data_range=1.0))
-        return {k: float(np.mean(v)) for k, v in scores.items()}
+    # Accept -----------------------------------------------------------------------------------------------------
+    def _accept(self, method: TranslationMethod) -> Task:
+        """Check everything that can be checked before the run folder is touched; returns the resolved task."""
+        method.check_data(self.config.data)
+        method.make_inferer(self.config.inference, self.config.data)  # inference settings fit the method
+        self.config, task = resolve_task(self.config, paired=method.requires_paired_data)
+        run = self.run
+        if self.resume:
+            if not run.last.is_file():
+                raise CheckpointError(f"{run.last}: nothing to resume from")
+            saved = flat_config(checkpoint_config(load_checkpoint(run.last), run.last))
+            changed = sorted(k for k, v in flat_config(self.config).items()
+                             if k not in RESUMABLE_KEYS and saved.get(k) != v)
+            if changed:
+                detail = ", ".join(f"{k}: {saved.get(k)!r} → {flat_config(self.config)[k]!r}" for k in changed[:6])
+                raise ConfigError(f"--resume would change {', '.join(changed)} ({detail}); a run keeps its data, split "
+                                  "and optimiser settings: start a new --out instead")
+            saved_splits = json.loads(run.splits.read_text()) if run.splits.is_file() else None
+            if saved_splits is not None and saved_splits != task.splits:
+                raise ConfigError(f"{run.splits}: the manifest's split changed since this run started; a run keeps "
+                                  "its split (start a new --out)")
+        elif self.dist.is_main:  # other ranks would see rank 0's first files
+            self._check_new_folder()
+        return task
+
+    def _check_new_folder(self) -> None:
+        run = self.run
+        if run.root.exists() and not run.root.is_dir():
+            raise OutputError(f"{run.root} is a file; --out must be a folder")
+        if run.root.exists() and any(run.root.iterdir()):
+            if run.is_run():
+                raise OutputError(f"{run.root} already holds a run; pass --resume to continue it or choose another "
+                                  "--out")
+            raise OutputError(f"{run.root} exists and is not empty; choose a new --out folder (volsynth never writes "
+                              "a run into a folder holding other files)")
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One training per run folder: a second process into the same --out fails instead of interleaving."""
+        if not self.dist.is_main:
+            yield
+            return
+        self.run.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run.root, os.O_RDONLY)  # a lock on the folder itself: nothing extra is left in it
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputError(f"{self.run.root}: another `volsynth train` is writing into this run") from None
+            except OSError as error:  # some network file systems refuse locks: carry on, but say so
+                log.warning("cannot lock %s (%s); make sure no other training writes into it", self.run.root,
+                            error.strerror)
+            yield
+        finally:
+            os.close(fd)
+
+    def _write_run_record(self, method: TranslationMethod) -> None:
+        """``RUN/run.json``: how the run was asked for and where it ran (the report shows it); one entry per start."""
+        from volsynth import __version__
+
+        path = self.out_dir / "run.json"
+        record = json.loads(path.read_text()) if self.resume and path.is_file() else {"starts": []}
+        record["starts"].append({
+            **self.provenance, "resume": self.resume, "device": str(self.device), "precision": self.precision,
+            "world_size": self.dist.world_size, "volsynth_version": __version__, "torch_version": torch.__version__,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        record["parameters"] = method.parameter_counts()
+        atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+
+    # Build ------------------------------------------------------------------------------------------------------
+    def _init_from(self, method: TranslationMethod) -> None:
+        source = self.config.train.init_from
+        if source is None or self.resume:
+            return
+        path = Path(source)
+        if path.is_dir():
+            run = RunFolder.of(path).final()
+            path = run.last
+        state = load_checkpoint(path)
+        parent = checkpoint_config(state, path)
+        # The averaged weights are what the previous stage would predict with, so the next stage starts there.
+        weights = state.get("model_ema") if state.get("model_ema") is not None else state["model"]
+        method.load_pretrained(weights, parent.method, str(path))
+        self.say(f"initialised from {path} (iteration {state['iteration']}, {parent.method.name})")
+
+    def _banner(self, method: TranslationMethod, task: Task) -> str:
+        config, sampling = self.config, self.config.data.sampling
+        n = {k: len(v) for k, v in task.splits.items()}
+        spacing = "×".join(f"{s:g}" for s in task.spacing)
+        if sampling.kind == "patch":
+            items = f"{sampling.per_step} × {'×'.join(map(str, sampling.patch_size))} patches"
+        else:
+            depth = "whole volumes" if sampling.depth == "all" else f"{sampling.depth}-slice slabs"
+            items = f"{sampling.per_step} × {depth} ({'×'.join(map(str, sampling.in_plane))})"
+        params = sum(p.numel() for p in method.parameters()) / 1e6
+        stage = f" [{config.method.stage}]" if hasattr(config.method, "stage") else ""  # type: ignore[attr-defined]
+        world = f" × {self.dist.world_size} ranks" if self.dist.world_size > 1 else ""
+        return (f"{config.method.name}{stage}: {task.source} → {task.target} | {n['train']} train / {n['val']} val / "
+                f"{n['test']} test | {spacing} mm | {items}/step | {self.device.type}{world} {self.precision} | "
+                f"{params:.2f} M params | {config.train.iterations} iterations → {self.out_dir}")
 
     # Main loop --------------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        config = self.config
+        if config.train.threads is not None:
+            torch.set_num_threads(config.train.threads)
+        torch.manual_seed(config.seed)  # network initialisation (identical on every rank)
+        method = build_method(config.method)
+        task = self._accept(method)
         config, train = self.config, self.config.train
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoints = self.out_dir / "checkpoints"
-        last_path, best_path = checkpoints / "last.pt", checkpoints / "best.pt"
-        if train.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.manual_seed(config.seed)  # network initialisation
-        method = build_method(config.method).to(self.device)
+        with self._locked(), self.dist.session(config.train.distributed_timeout):
+            if not self.resume and self.dist.is_main:
+                self._check_new_folder()  # again under the lock: another process may have started meanwhile
+            if train.deterministic:
+                torch.use_deterministic_algorithms(True, warn_only=True)
+            method.to(self.device)
+            if config.train.channels_last:
+                method.to(memory_format=torch.channels_last_3d)
+            if self.dist.is_main:
+                save_config(config, self.run.config)
+                atomic_write_text(self.run.splits, json.dumps(task.splits, indent=2) + "\n")
+                self._write_run_record(method)
+            divisor = method.shape_divisor(config.data)
+            cache = Path(config.data.cache_dir) if config.data.cache_dir else self.run.cache
+            paired = method.requires_paired_data
+            train_subjects = prepare_subjects(config, task, task.splits["train"], divisor=divisor, cache_dir=cache,
+                                              paired=paired, progress=train.progress and self.dist.is_main)
+            val_subjects = [s for s in prepare_subjects(config, task, task.splits["val"], divisor=divisor,
+                                                        cache_dir=cache, paired=True, progress=False)
+                            if s.target is not None]
+            self._init_from(method)
+            try:
+                return self._loop(method, task, train_subjects, val_subjects)
+            except RuntimeError as error:
+                explained = self.dist.explain(error)
+                if explained is None:
+                    raise
+                raise explained from error
+
+    def _loop(self, method: TranslationMethod, task: Task, train_subjects: list, val_subjects: list) -> TrainResult:
+        config, train = self.config, self.config.train
         method.train()
-        train_subjects, val_subjects = self._prepare_data(method)
         optimizers = method.configure_optimizers(train)
         schedulers = {k: make_scheduler(o, train.schedule, train.iterations) for k, o in optimizers.items()}
         scalers = {k: torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16") for k in optimizers}
-        start, best_ssim = 0, None
+        trained = [p for o in optimizers.values() for group in o.param_groups for p in group["params"]]
+        average = (WeightAverage(method, trained, decay=train.ema.decay, start=train.ema.start)
+                   if train.ema.decay is not None else None)
+        start, best, best_iteration, offset = 0, None, None, 0.0
         if self.resume:
-            if not last_path.is_file():
-                raise CheckpointError(f"{last_path}: nothing to resume from")
-            state = load_checkpoint(last_path, map_location=self.device)
-            if state["config"]["method"] != to_dict(config.method):
-                raise CheckpointError(f"{last_path}: saved method config differs from the requested one; resume "
-                                      "with the run's own config.yaml")
+            state = load_checkpoint(self.run.last, map_location=self.device)
             method.load_state_dict(state["model"])
             for key, opt in optimizers.items():
                 opt.load_state_dict(state["optimizers"][key])
                 schedulers[key].load_state_dict(state["schedulers"][key])
                 scalers[key].load_state_dict(state["scalers"][key])
-            start, best_ssim = int(state["iteration"]), state.get("best_ssim")
-        elif last_path.exists():
-            raise FileExistsError(f"{self.out_dir} already holds a run (checkpoints/last.pt); pass --resume to "
-                                  "continue it or choose another --out")
-        if self.is_main:
-            save_config(config, self.out_dir / "config.yaml")
-        sampler = PatchSampler(train_subjects, config.data.patch_size, patches_per_step=config.data.patches_per_step,
-                               foreground_probability=config.data.foreground_probability,
-                               paired=method.requires_paired_data, threshold=config.data.foreground_threshold)
-        logger = _RunLogger(self.out_dir, enabled=self.is_main, tensorboard=train.tensorboard, truncate_after=start)
+            if average is not None and state.get("model_ema") is not None:
+                average.load_state_dict(state["model_ema"])
+            start, best, best_iteration = int(state["iteration"]), state.get("best_score"), state.get("best_iteration")
+            offset = float(state.get("seconds", 0.0))
+        wrapped = self.dist.wrap(method, optimizers)  # DistributedDataParallel on every trained network
+        sampler = build_sampler(config.data.sampling, train_subjects, paired=method.requires_paired_data)
+        inferer = method.make_inferer(config.inference, config.data)
+        logger = RunLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=train.tensorboard, keep_until=start)
         generator = torch.Generator()
         ctx = StepContext(device=self.device, precision=self.precision, optimizers=optimizers, scalers=scalers,
                           grad_clip=train.grad_clip, total_iterations=train.iterations, generator=generator)
+        self.say(self._banner(method, task))
+        if self.resume:
+            self.say(f"resuming at iteration {start + 1} of {train.iterations} from {self.run.last}")
         began = time.perf_counter()
-        bar = tqdm(total=train.iterations, initial=start, desc=f"train {config.method.name}", unit="it",
-                   disable=not (train.progress and self.is_main), dynamic_ncols=True)
+        validating = 0.0  # seconds spent validating (time-to-quality curves count training time only)
+
+        def elapsed() -> float:
+            return offset + time.perf_counter() - began
 
         def checkpoint(path: Path, iteration: int) -> None:
-            if not self.is_main:
+            if not self.dist.is_main:
                 return
-            save_checkpoint(path, {
-                "iteration": iteration, "config": to_dict(config), "method": config.method.name,
-                "model": method.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-                "scalers": {k: s.state_dict() for k, s in scalers.items()}, "best_ssim": best_ssim,
-            })
+            with wrapped.unwrapped():
+                state = {
+                    "iteration": iteration, "config": to_dict(config), "method": config.method.name,
+                    "model": method.state_dict(), "model_ema": average.state_dict() if average else None,
+                    "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                    "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+                    "scalers": {k: s.state_dict() for k, s in scalers.items()}, "best_score": best,
+                    "best_iteration": best_iteration, "best_metric": train.best_metric, "seconds": elapsed(),
+                }
+            save_checkpoint(path, state)
 
+        bar = tqdm(total=train.iterations, initial=start, desc=f"train {config.method.name}", unit="it",
+                   disable=not (train.progress and self.dist.is_main), dynamic_ncols=True)
         for iteration in range(start + 1, train.iterations + 1):
-            seed = _iteration_seed(config.seed, iteration, self.rank)
-            patches = sampler.sample(np.random.default_rng(seed))
+            seed = iteration_seed(config.seed, iteration, self.dist.rank)
+            items = sampler.sample(np.random.default_rng(seed))
             torch.manual_seed(seed)  # dropout and any torch-side randomness, reproducible on resume
             generator.manual_seed(seed)
-            batch = Batch(*(torch.from_numpy(np.ascontiguousarray(patches[k])) if patches[k] is not None else None
-                            for k in ("source", "target", "mask", "label"))).to(self.device)
+            batch = Batch(*(torch.from_numpy(np.ascontiguousarray(items[k])) if items[k] is not None else None
+                            for k in KEYS)).to(self.device)
+            if train.channels_last and batch.source.ndim == 5:
+                batch = batch.channels_last()
             ctx.iteration = iteration
             losses = method.train_step(batch, ctx)
+            self.dist.sync_state(wrapped)  # state outside the wrapped networks (a memory bank) follows rank 0
             for scheduler in schedulers.values():
                 scheduler.step()
-            lr = next(iter(optimizers.values())).param_groups[0]["lr"]
+            if average is not None:
+                average.update(iteration)
             if not all(np.isfinite(v) for v in losses.values()):
-                raise FloatingPointError(f"non-finite loss at iteration {iteration}: {losses}")
+                kept = (f"the last good checkpoint is {self.run.last} (iteration "
+                        f"{load_checkpoint(self.run.last)['iteration']})" if self.run.last.is_file()
+                        else "no checkpoint was written yet")
+                bad = ", ".join(f"{k}={v}" for k, v in losses.items() if not np.isfinite(v))
+                raise TrainingDivergedError(f"non-finite loss at iteration {iteration} ({bad}); {kept}. Lower "
+                                            "train.lr, set train.grad_clip, or use fp32")
+            lr = next(iter(optimizers.values())).param_groups[0]["lr"]
             if iteration % train.log_every == 0 or iteration == train.iterations:
-                logger.log(iteration, time.perf_counter() - began, lr, losses)
+                logger.log(iteration, elapsed(), lr, losses)
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in list(losses.items())[:4]}, refresh=False)
             if val_subjects and (iteration % train.val_every == 0 or iteration == train.iterations):
-                scores = self.validate(method, val_subjects)
-                logger.log_validation(iteration, scores)
-                if best_ssim is None or scores["ssim"] > best_ssim:
-                    best_ssim = scores["ssim"]
-                    checkpoint(best_path, iteration)
-            if iteration % train.checkpoint_every == 0 or iteration == train.iterations:
-                checkpoint(last_path, iteration)
+                if self.dist.is_main:
+                    started = time.perf_counter()
+                    with wrapped.unwrapped():  # plain networks: no collectives while the other ranks wait
+                        scores = self.validate(method, val_subjects, inferer, average)
+                    validating += time.perf_counter() - started
+                    logger.log_validation(iteration, elapsed(), {**scores,
+                                                                 "train_seconds": round(elapsed() - validating, 3)})
+                    metric = train.best_metric
+                    if metric not in scores:
+                        raise ConfigError(f"train.best_metric '{metric}' is not among the validation scores "
+                                          f"{sorted(scores)} of method '{config.method.name}'")
+                    improved = best is None or (scores[metric] > best if higher_is_better(metric)
+                                                else scores[metric] < best)
+                    if improved:
+                        best, best_iteration = scores[metric], iteration
+                        checkpoint(self.run.best, iteration)
+                    shown = "  ".join(f"{k} {v:.4g}" for k, v in scores.items())
+                    self.say(f"val @ {iteration}: {shown}{'  (best → best.pt)' if improved else ''}")
+                self.dist.barrier()
+            out_of_time = train.max_seconds is not None and elapsed() >= train.max_seconds
+            if iteration % train.checkpoint_every == 0 or iteration == train.iterations or out_of_time:
+                self.dist.check_in_sync(method)
+                checkpoint(self.run.last, iteration)
+                self.dist.barrier()
+            if out_of_time:
+                self.say(f"train.max_seconds ({train.max_seconds:g} s) reached at iteration {iteration}")
+                final = iteration
+                break
+        else:
+            final = train.iterations
         bar.close()
         logger.close()
-        if start >= train.iterations and not last_path.exists():
-            checkpoint(last_path, start)
-        return TrainResult(self.out_dir, train.iterations, last_path, best_path if best_path.exists() else None,
-                           best_ssim, time.perf_counter() - began)
+        if start >= train.iterations and not self.run.last.exists():
+            checkpoint(self.run.last, start)
+        final = max(final, start)
+        ran = max(0, final - start)
+        summary = (f"best {train.best_metric} {best:.4g} at iteration {best_iteration}" if best is not None
+                   else "no validation subjects")
+        self.say(f"done: iterations {start + 1}–{final} ({ran}) in {time.perf_counter() - began:.1f} s "
+                 f"({elapsed():.1f} s in total); {summary}; checkpoints in {self.run.checkpoints}")
+        return TrainResult(self.out_dir, final, self.run.last,
+                           self.run.best if self.run.best.exists() else None, best, best_iteration, elapsed())
+
+    # Validation -------------------------------------------------------------------------------------------------
+    def validate(self, method: TranslationMethod, subjects: list, inferer: Any,
+                 average: WeightAverage | None = None) -> dict[str, float]:
+        """The method's validation scores averaged over the validation subjects (preprocessed space)."""
+        scores: dict[str, list[float]] = {}
+        with average.applied() if average is not None else contextlib.nullcontext():
+            for subject in subjects:
+                result = method.validation_scores(np.asarray(subject.source), np.asarray(subject.target), inferer,
+                                                  device=self.device, precision=self.config.inference.precision
+                                                  if self.config.inference.precision != "auto" else "fp32",
+                                                  seed=self.config.inference.seed)
+                for key, value in result.items():
+                    scores.setdefault(key, []).append(float(value))
+        return {k: float(np.mean(v)) for k, v in scores.items()}
 
 
-class _RunLogger:
-    """CSV (every loss), validation CSV and optional TensorBoard; silent on non-zero ranks."""
-
-    def __init__(self, out_dir: Path, *, enabled: bool, tensorboard: bool, truncate_after: int) -> None:
-        self.enabled = enabled
-        self.path = out_dir / "log.csv"
-        self.val_path = out_dir / "validation.csv"
-        self.fields: list[str] | None = None
-        self.writer: Any = None
-        if enabled:
-            for path in (self.path, self.val_path):
-                _truncate_csv(path, truncate_after)  # a resumed run rewrites what followed its checkpoint
-            if self.path.is_file():
-                with self.path.open(newline="") as handle:
-                    self.fields = next(csv.reader(handle), None)
-            if tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    self.writer = SummaryWriter(str(out_dir / "tensorboard"))
-                except ImportError:
-                    log.warning("tensorboard is not installed (pip install volsynth[tensorboard]); CSV logging only")
-
-    def log(self, iteration: int, seconds: float, lr: float, losses: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        row = {"iteration": iteration, "seconds": round(seconds, 3), "lr": lr, **losses}
-        new = self.fields is None
-        if new:
-            self.fields = list(row)
-        with self.path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.fields, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-        if self.writer is not None:
-            for key, value in losses.items():
-                self.writer.add_scalar(f"loss/{key}", value, iteration)
-            self.writer.add_scalar("lr", lr, iteration)
-
-    def log_validation(self, iteration: int, scores: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        new = not self.val_path.is_file()
-        with self.val_path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["iteration", *scores])
-            if new:
-                writer.writeheader()
-            writer.writerow({"iteration": iteration, **scores})
-        if self.writer is not None:
-            for key, value in scores.items():
-                self.writer.add_scalar(f"val/{key}", value, iteration)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _truncate_csv(path: Path, after: int) -> None:
-    if not path.is_file():
-        return
-    if after == 0:
-        path.unlink()
-        return
-    with path.open(newline="") as handle:
-        rows = list(csv.reader(handle))
-    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= after]
-    with path.open("w", newline="") as handle:
-        csv.writer(handle).writerows(kept)
-
-
-def train(config: ExperimentConfig, out_dir: str | Path, *, resume: bool = False) -> TrainResult:
+def train(config: ExperimentConfig, out_dir: str | Path, *, resume: bool = False,
+          echo: Callable[[str], None] | None = None, provenance: dict[str, Any] | None = None) -> TrainResult:
     """Convenience wrapper: ``Trainer(config, out_dir, resume=resume).fit()``."""
-    return Trainer(config, out_dir, resume=resume).fit()
+    return Trainer(config, out_dir, resume=resume, echo=echo, provenance=provenance).fit()
+
+
+def replace_train(config: ExperimentConfig, **changes: Any) -> ExperimentConfig:
+    """A copy of ``config`` with ``train`` fields changed (configs are never mutated in place)."""
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **changes))

@@ -1,0 +1,123 @@
+"""Training items: patches and slabs, paired and unpaired, with label maps on both sides."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from volsynth.config import DataConfig, SamplingConfig
+from volsynth.data.cache import PreparedSubject, prepare_subject
+from volsynth.data.manifest import load_manifest
+from volsynth.data.preprocess import Preprocessor
+from volsynth.data.sampling import PatchSampler, SlabSampler, centred_start, window
+from volsynth.errors import DataError
+
+
+def prepared(cohort: Path, tmp_path: Path, sampling: SamplingConfig, divisor: tuple = (8, 8, 8)
+             ) -> list[PreparedSubject]:
+    manifest = load_manifest(cohort)
+    preprocessor = Preprocessor(DataConfig(sampling=sampling), divisor=divisor)
+    return [prepare_subject(s, source="t1", target="t2", preprocessor=preprocessor, cache_dir=tmp_path / "c",
+                            labels=sampling.labels) for s in manifest.subjects]
+
+
+def locate(block: np.ndarray, volume: np.ndarray) -> list[tuple[int, ...]]:
+    """Every corner where ``block`` occurs in ``volume`` (brute force, tiny arrays)."""
+    size = block.shape
+    return [c for c in np.ndindex(*(n - s + 1 for n, s in zip(volume.shape, size, strict=True)))
+            if np.array_equal(volume[tuple(slice(a, a + s) for a, s in zip(c, size, strict=True))], block)]
+
+
+def test_window_pads_outside_the_array() -> None:
+    array = np.arange(1, 10, dtype=float).reshape(3, 3)
+    np.testing.assert_array_equal(window(array, (-1, 1), (3, 3)), [[0, 0, 0], [2, 3, 0], [5, 6, 0]])
+    assert centred_start(0, 4, 10) == 0 and centred_start(9, 4, 10) == 6 and centred_start(5, 4, 10) == 3
+    assert centred_start(1, 6, 2) == -2  # smaller than the window: centred with zero padding
+
+
+def test_patches_are_aligned_foreground_deterministic_and_carry_labels(cohort: Path, tmp_path: Path) -> None:
+    sampling = SamplingConfig(patch_size=(8, 8, 8), foreground_threshold=0.3, labels="label")
+    subjects = prepared(cohort, tmp_path, sampling)
+    assert isinstance(subjects[0].source, np.memmap)  # streamed from disk, not held in memory
+    sampler = PatchSampler(subjects, (8, 8, 8), per_step=3, threshold=0.3)
+    a, b = sampler.sample(np.random.default_rng(5)), sampler.sample(np.random.default_rng(5))
+    for key in ("source", "target", "mask", "source_label", "target_label"):
+        np.testing.assert_array_equal(a[key], b[key])
+    assert a["source"].shape == (3, 1, 8, 8, 8) and a["source_label"].dtype == np.int64
+    np.testing.assert_array_equal(a["source_label"], a["target_label"])  # paired: one label map
+    centre = (slice(None), 0, 4, 4, 4)
+    for seed in range(10):
+        items = sampler.sample(np.random.default_rng(seed))
+        assert np.all((items["source"][centre] > 0.3) & (items["target"][centre] > 0.3))
+    # Alignment: source, target and label come from the same corner of the same subject.
+    items = sampler.sample(np.random.default_rng(1))
+    hits = [(s, c) for s in subjects for c in locate(items["source"][0, 0], np.asarray(s.source))]
+    assert hits
+    subject, corner = hits[0]
+    box = tuple(slice(c, c + 8) for c in corner)
+    np.testing.assert_array_equal(np.asarray(subject.target)[box], items["target"][0, 0])
+    np.testing.assert_array_equal(np.asarray(subject.label)[box], items["source_label"][0, 0])
+    # A second preparation reuses the cache and yields identical arrays.
+    again = prepared(cohort, tmp_path, sampling)
+    np.testing.assert_array_equal(again[0].target, subjects[0].target)
+
+
+def coded_subject(index: int, shape: tuple[int, int, int]) -> PreparedSubject:
+    """A subject whose voxel values encode (subject, x, y, z); 0 only in padding."""
+    x, y, z = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    code = (index * 1_000_000 + x * 10_000 + y * 100 + z + 1).astype(np.float64)
+    return PreparedSubject(f"s{index}", code, code + 0.5, (z % 3 + 1).astype(np.int16), None, None,  # type: ignore[arg-type]
+                           {"pair": np.arange(code.size), "source": np.arange(code.size),
+                            "target": np.arange(code.size)})
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_slabs_are_consecutive_slices_with_the_slice_axis_last(axis: int) -> None:
+    subjects = [coded_subject(1, (20, 9, 14)), coded_subject(2, (20, 9, 14))]
+    sampler = SlabSampler(subjects, axis=axis, depth=3, in_plane=(12, 12), per_step=5)
+    items = sampler.sample(np.random.default_rng(axis))
+    assert items["source"].shape == (5, 1, 12, 12, 3)
+    np.testing.assert_array_equal(items["target"] - items["source"], np.where(items["source"] > 0, 0.5, 0))
+    for item in items["source"][:, 0]:
+        inside = item[item > 0].astype(np.int64) - 1
+        subject, rest = np.divmod(inside, 1_000_000)
+        coords = np.stack([rest // 10_000, rest // 100 % 100, rest % 100])
+        assert len(set(subject.tolist())) == 1  # one subject per slab
+        # along the last axis of the item: consecutive slices of the subject's `axis`, in order
+        for k in range(2):
+            a, b = item[..., k], item[..., k + 1]
+            both = (a > 0) & (b > 0)
+            np.testing.assert_array_equal(b[both] - a[both], {0: 10_000, 1: 100, 2: 1}[axis])
+        plane = [c for c in range(3) if c != axis]
+        assert np.ptp(coords[plane[0]]) <= 11 and np.ptp(coords[plane[1]]) <= 11
+    if axis == 2:  # the 9-voxel y axis is centred in the 12-voxel item: one zero row before, two after
+        rows = items["source"][0, 0].any(axis=(0, 2))
+        np.testing.assert_array_equal(rows, [False] + [True] * 9 + [False] * 2)
+    np.testing.assert_array_equal(items["source_label"], items["target_label"])
+
+
+def test_whole_volume_slabs_and_unpaired_labels_on_both_sides(cohort: Path, tmp_path: Path) -> None:
+    sampling = SamplingConfig(kind="slab", depth="all", in_plane=(32, 32), per_step=2, labels="tissue")
+    subjects = prepared(cohort, tmp_path, sampling, divisor=(8, 8, 1))
+    sampler = SlabSampler(subjects, axis=2, depth="all", in_plane=(32, 32), per_step=2, paired=False)
+    items = sampler.sample(np.random.default_rng(3))
+    depth = max(s.shape[2] for s in subjects)
+    assert items["source"].shape == (2, 1, 32, 32, depth) and items["mask"] is None
+    assert items["source_label"] is not None and items["target_label"] is not None
+    # Unpaired: each side's label map belongs to its own image (label > 0 exactly where that image is brain).
+    for side in ("source", "target"):
+        brain = items[f"{side}_label"] > 0
+        assert np.all(items[side][brain] > 0)
+    rng = np.random.default_rng(0)
+    pairs = [SlabSampler(subjects, depth=1, in_plane=(32, 32), per_step=1, paired=False).sample(rng)
+             for _ in range(20)]
+    assert any(not np.array_equal(p["source_label"], p["target_label"]) for p in pairs)
+
+
+def test_unpaired_sampling_needs_a_target_somewhere(cohort: Path, tmp_path: Path) -> None:
+    subjects = prepared(cohort, tmp_path, SamplingConfig(patch_size=(8, 8, 8)))
+    no_target = [PreparedSubject(s.subject, s.source, None, None, None, s.record, s.centres) for s in subjects]
+    with pytest.raises(DataError, match="no training subject has a target image"):
+        PatchSampler(no_target, (8, 8, 8), paired=False)
+    with pytest.raises(DataError, match="trains on registered pairs"):
+        PatchSampler([*subjects, no_target[0]], (8, 8, 8), paired=True)
