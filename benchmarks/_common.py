@@ -5,9 +5,9 @@ resident memory (``getrusage(RUSAGE_SELF).ru_maxrss``) belongs to that configura
 configuration share that process and are interleaved step by step, so the noise of this shared 2-core machine
 hits both alike and their *ratio* is meaningful even when the absolute seconds are not.
 
-The worker's environment gets the allocator setting of ``shared/research/perf-cpu.md`` (glibc keeps freed tensor
-memory instead of returning it to the OS, which otherwise causes page-fault storms) unless the caller already
-set ``GLIBC_TUNABLES``.
+The worker's environment gets the glibc allocator setting measured on the development machine (glibc keeps freed
+tensor memory instead of returning it to the OS, which otherwise causes page-fault storms; see
+``benchmarks/RESULTS.md``) unless the caller already set ``GLIBC_TUNABLES``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-# Practical compute ceilings of this machine (2 vCPU Zen 5, conv through oneDNN), shared/research/perf-cpu.md.
+# Practical compute ceilings measured on the development machine (2 vCPU Zen 5, conv through oneDNN).
 CEILING_GFLOPS = {"fp32": 500.0, "bf16": 1000.0}
 
 ALLOCATOR_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
@@ -103,8 +103,9 @@ class ConvFlopCounter:
 # ----------------------------------------------------------------------------------------------------------------
 # Memory, timing, environment
 
-# The machine-state probe: Conv3d 64→64, 3×3×3, 32³, batch 1, forward; perf-cpu.md measured 427 GFLOP/s fp32 and
-# 888 bf16 on an otherwise idle machine. Its ratio to those says how fast the shared machine ran *today*.
+# The machine-state probe: Conv3d 64→64, 3×3×3, 32³, batch 1, forward; measured at 427 GFLOP/s fp32 and 888 bf16
+# on the otherwise idle development machine (benchmarks/RESULTS.md). Its ratio to those says how fast the shared
+# machine ran *today*.
 CALIBRATION_REFERENCE = {"fp32": 427.0, "bf16": 888.0}
 
 

@@ -15,7 +15,7 @@ grid). Contenders, interleaved A B B A … in one worker process per precision:
   (roi, overlap, Gaussian blending with the same sigma, constant padding, same ``sw_batch_size``, same autocast).
 
 Reported: median seconds, their ratio, windows per volume, conv GFLOP per volume (forward hooks) and achieved
-GFLOP/s as a fraction of the ceiling (500 fp32 / 1000 bf16, shared/research/perf-cpu.md), peak RSS (the first
+GFLOP/s as a fraction of the ceiling (500 fp32 / 1000 bf16, measured on the development machine), peak RSS (the first
 contender of the first round reads its own clean peak; the other's is the process peak, i.e. the larger of the two)
 and the largest voxel difference between the two outputs.
 
@@ -55,12 +55,11 @@ def worker(spec: dict[str, Any]) -> None:
     import torch
     from monai.inferers import sliding_window_inference
 
-    from volsynth.config import load_config
     from volsynth.data.volume import Volume
-    from volsynth.inference import predict as predict_module
+    from volsynth.experiment import load_config
     from volsynth.inference.predict import translate_volume
     from volsynth.methods import build_method
-    from volsynth.methods.base import autocast
+    from volsynth.methods.base import TranslationMethod, autocast
     from volsynth.nets.mdaunet import level_key
 
     torch.manual_seed(spec["seed"])
@@ -98,11 +97,11 @@ def worker(spec: dict[str, Any]) -> None:
         return translate_volume(method, config, volume, device=device).array
 
     def overheads(repeats: int) -> dict[str, float]:
-        """Network-free parts, medians: translate_volume with an identity translate_array (preprocess + inverse)
+        """Network-free parts, medians: translate_volume with an identity ``infer`` (preprocess + inverse)
         and MONAI's sliding window with an identity predictor (window cutting + Gaussian blending)."""
-        original = predict_module.translate_array
+        original = TranslationMethod.infer
 
-        def no_network(_method: Any, source: np.ndarray, **_kwargs: Any) -> np.ndarray:
+        def no_network(_method: Any, source: np.ndarray, *_args: Any, **_kwargs: Any) -> np.ndarray:
             return source
 
         def blend_only() -> None:
@@ -111,11 +110,11 @@ def worker(spec: dict[str, Any]) -> None:
                                          predictor=lambda w: w, overlap=inference.overlap, mode="gaussian",
                                          sigma_scale=inference.sigma_scale, padding_mode="constant", cval=0.0)
 
-        predict_module.translate_array = no_network
+        TranslationMethod.infer = no_network  # type: ignore[method-assign]
         try:
             pipeline = [timed(run_volsynth)[0] for _ in range(repeats)]
         finally:
-            predict_module.translate_array = original
+            TranslationMethod.infer = original  # type: ignore[method-assign]
         blending = [timed(blend_only)[0] for _ in range(repeats)]
         return {"pipeline_s": median(pipeline), "blending_s": median(blending)}
 
@@ -181,7 +180,7 @@ def main() -> None:
     parser.add_argument("--overhead-repeats", type=int, default=3, help="runs of the network-free parts (identity "
                         "network): volsynth's preprocess + inverse, and MONAI's window cutting + blending")
     parser.add_argument("--overhead-only", action="store_true", help="measure only the network-free parts")
-    parser.add_argument("--config", default="configs/mdagan-paper.yaml")
+    parser.add_argument("--config", default="mdagan-paper")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config overrides (after method.perception.weight=0)")
     parser.add_argument("--seed", type=int, default=0)

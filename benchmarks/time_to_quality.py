@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-ABLATIONS = {  # the flagship's ablations (seed-reference: multi-resolution in/out, binary D, BCE)
+ABLATIONS = {  # the flagship's ablations (after Ha et al. Table 2: multi-resolution in/out, binary D, BCE)
     "mdagan-no-multires": ["method.generator.multires_input=false", "method.generator.multires_output=false"],
     "mdagan-binary-D": ["method.discriminator.kind=binary"],
     "mdagan-bce": ["method.adversarial.mode=bce"],

@@ -3,11 +3,11 @@
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184 \\
         .venv/bin/python benchmarks/train_step.py [--sizes 64 96] [--steps 3] [--precisions fp32 bf16] [--quick]
 
-Per (patch size, precision) a fresh worker process builds the flagship from ``configs/mdagan-paper.yaml``
-(generator 6,176,846 parameters, multi-resolution UNet discriminator, 2.5D VGG-19 perception loss over every
-slice of the 3 views) and a MONAI ``UNet`` of similar parameter count, runs warm-up steps, then alternates timed
-steps of the two (so the machine's noise hits both alike) and reports medians, their ratio, peak RSS and the
-achieved conv GFLOP/s as a fraction of the machine's ceiling (500 fp32 / 1000 bf16, shared/research/perf-cpu.md).
+Per (patch size, precision) a fresh worker process builds the flagship from ``configs/mdagan-paper.yaml`` (generator
+6,176,846 parameters, multi-resolution UNet discriminator, 2.5D VGG-19 perception loss over every slice of the 3 views)
+and a MONAI ``UNet`` of similar parameter count, runs warm-up steps, then alternates timed steps of the two (so the
+machine's noise hits both alike) and reports medians, their ratio, peak RSS and the achieved conv GFLOP/s as a fraction
+of the machine's ceiling (500 fp32 / 1000 bf16, measured on the development machine).
 
 The VGG-19 ImageNet weights are not available offline, so the perception loss uses random weights
 (``method.perception.weights=random``): the same network and FLOPs, only the loss values differ.

@@ -149,3 +149,12 @@ def test_paper_split_and_seeded_splits() -> None:
     assert sorted(a["train"] + a["val"] + a["test"]) == names
     folds = [set(make_splits(names, SplitConfig(mode="kfold", fold=f, seed=1))["test"]) for f in range(4)]
     assert set().union(*folds) == set(names) and sum(len(f) for f in folds) == 40
+
+
+def test_a_manifest_with_images_as_a_list_is_a_one_line_error(tmp_path: Path) -> None:
+    from volsynth.data.manifest import ManifestError, load_manifest
+
+    path = tmp_path / "m.json"
+    path.write_text('{"subjects": [{"subject": "s1", "images": ["a.nii.gz", "b.nii.gz"]}]}')
+    with pytest.raises(ManifestError, match=r"m\.json: subject s1: 'images' must map modality names to paths"):
+        load_manifest(path)

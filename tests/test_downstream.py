@@ -15,16 +15,6 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from volsynth.errors import ConfigError, DataError, InputNotFoundError
-from volsynth.evaluation.downstream import (
-    format_summary,
-    load_run_inputs,
-    protocol1,
-    protocol2,
-    result_files,
-    run_downstream,
-)
-from volsynth.evaluation.downstream.segment import TrainingVolume, sample_patches
 from volsynth.data.segmenters import (
     CONTRAST_ORDERS,
     SEGMENTERS,
@@ -35,6 +25,16 @@ from volsynth.data.segmenters import (
     SegmenterNotAvailableError,
     build_segmenter,
 )
+from volsynth.errors import ConfigError, DataError, InputNotFoundError
+from volsynth.evaluation.downstream import (
+    format_summary,
+    load_run_inputs,
+    protocol1,
+    protocol2,
+    result_files,
+    run_downstream,
+)
+from volsynth.evaluation.downstream.segment import TrainingVolume, sample_patches
 from volsynth.metrics import dice, volumetric_similarity
 
 TISSUE_CSV, TISSUE_SUMMARY = result_files("tissue")

@@ -87,6 +87,24 @@ def test_truncated_file_is_named(tmp_path: Path) -> None:
         read_volume(path)
 
 
+@pytest.mark.parametrize(("name", "content", "reason"), [
+    ("empty.nii.gz", b"", "empty file (0 bytes)"),
+    ("text.nii.gz", b"hello, I am not an image\n" * 20, "not a gzip-compressed NIfTI file"),
+    ("gztext.nii.gz", gzip.compress(b"hello, I am not an image\n" * 20), "not a NIfTI file (no NIfTI header)"),
+    ("text.nii", b"hello, I am not an image\n" * 20, "not a NIfTI file (no NIfTI header)"),
+    ("text.nrrd", b"hello, I am not an image\n" * 20, "not an NRRD file"),
+])
+def test_unreadable_files_get_a_reason_a_person_can_act_on(tmp_path: Path, name: str, content: bytes,
+                                                            reason: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(VolumeError) as error:
+        read_volume(path)
+    message = str(error.value)
+    assert message == f"{path}: {reason}" or message.startswith(f"{path}: {reason}")
+    assert ".cxx" not in message and "sitk" not in message.lower()
+
+
 def test_garbage_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "g.nii.gz"
     path.write_bytes(gzip.compress(b"not an image at all" * 10))

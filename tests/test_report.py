@@ -170,7 +170,8 @@ def make_run(root: Path, name: str, method: str, manifest: Path, metrics: dict[s
                   [{"model": "synthetic", "subject": s, "dice": d} for s, d in zip(subjects, dice, strict=True)]
                   + [{"model": "real", "subject": s, "dice": 0.9} for s in subjects])
         (run / "downstream" / "segment_summary.json").write_text(json.dumps({
-            "protocol": "segment", "synthetic": {"dice": stats(dice)}, "upper_bound": {"dice": stats([0.9, 0.92, 0.94])}}))
+            "protocol": "segment", "synthetic": {"dice": stats(dice)},
+            "upper_bound": {"dice": stats([0.9, 0.92, 0.94])}}))
     return run
 
 

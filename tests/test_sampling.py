@@ -121,3 +121,22 @@ def test_unpaired_sampling_needs_a_target_somewhere(cohort: Path, tmp_path: Path
         PatchSampler(no_target, (8, 8, 8), paired=False)
     with pytest.raises(DataError, match="trains on registered pairs"):
         PatchSampler([*subjects, no_target[0]], (8, 8, 8), paired=True)
+
+
+def test_missing_tissue_maps_are_refused_or_segmented(cohort: Path, tmp_path: Path) -> None:
+    manifest = load_manifest(cohort)
+    subject = manifest.subjects[0]
+    subject.extra.pop("tissue")  # this subject has no tissue map
+    sampling = SamplingConfig(kind="slab", in_plane=(32, 32), labels="tissue")
+    preprocessor = Preprocessor(DataConfig(sampling=sampling), divisor=(8, 8, 1))
+    with pytest.raises(DataError, match=f"subject {subject.subject}: no 'tissue' map.*missing_labels=segment"):
+        prepare_subject(subject, source="t1", target="t2", preprocessor=preprocessor, cache_dir=tmp_path / "c",
+                        labels="tissue")
+    made = prepare_subject(subject, source="t1", target="t2", preprocessor=preprocessor, cache_dir=tmp_path / "c",
+                           labels="tissue", missing_labels="segment")
+    labels = np.asarray(made.label)
+    assert set(np.unique(labels)) <= {0, 1, 2, 3} and {1, 2, 3} <= set(np.unique(labels))
+    # The segmenter's classes follow the source intensity order of T1: CSF darkest, WM brightest.
+    source = np.asarray(made.source)
+    means = [source[labels == k].mean() for k in (1, 2, 3)]
+    assert means[0] < means[1] < means[2]

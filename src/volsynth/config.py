@@ -188,6 +188,8 @@ class InferenceConfig:
     seed: int = 0  # stochastic methods (samplers): the same seed gives the same output
     steps: int | None = None  # stochastic methods: sampling steps (None = the method's default)
     use_ema: bool = True  # translate with the averaged weights when the checkpoint has them
+    # 3D windows in channels-last memory: the same values (within float rounding), faster 3D convs on CPUs.
+    channels_last: bool = True
 
 
 @dataclass

@@ -3,11 +3,11 @@
 All functions are pure and take numpy arrays of any dimensionality (the toolkit passes ``(x, y, z)`` volumes);
 they compute in float64 whatever the input dtype. ``synthetic`` is the prediction, ``target`` the reference.
 
-Why not scikit-image / MONAI directly: scikit-image's SSIM and PSNR take no mask (ganslate's masked-array
-trick silently scores the whole image, ecosystem-anchors §1.5) and MONAI's regression metrics take none
-either. SSIM is therefore written here with the same numerics as ``skimage.metrics.structural_similarity``
-(uniform window, sample covariance, K1 = 0.01, K2 = 0.03, border of ``(win_size - 1) // 2`` voxels excluded
-from the mean) so that the SSIM map is available for masked means; the tests pin it to scikit-image to 1e-6.
+Why not scikit-image / MONAI directly: scikit-image's SSIM and PSNR take no mask (ganslate's masked-array trick in
+``ganslate/utils/metrics/val_test_metrics.py`` silently scores the whole image) and MONAI's regression metrics take none
+either. SSIM is therefore written here with the same numerics as ``skimage.metrics.structural_similarity`` (uniform
+window, sample covariance, K1 = 0.01, K2 = 0.03, border of ``(win_size - 1) // 2`` voxels excluded from the mean) so
+that the SSIM map is available for masked means; the tests pin it to scikit-image to 1e-6.
 
 Two profiles (:func:`compute_metrics`) fix the definitions:
 
@@ -15,7 +15,7 @@ Two profiles (:func:`compute_metrics`) fix the definitions:
   MSE / Var(target). For MR the target AND the prediction are each min-max normalised per volume to [0, 1]
   first (``normalise="paper"``, :data:`NORMALISATIONS`); CT is put on [0, 1] with a fixed HU window. With a
   mask, the same metrics inside the mask are added as ``*_mask``.
-- ``synthrad2023``: the SynthRAD2023 challenge scorer (ecosystem-anchors §3.1, ``SynthRAD2023/metrics``
+- ``synthrad2023``: the SynthRAD2023 challenge scorer (``SynthRAD2023/metrics``
   ``functions/image_metrics.py`` at commit ``fe7e385``, "non-negative and masked SSIM fix"), inputs in HU.
 """
 
@@ -46,13 +46,14 @@ NORMALISATION_DEFINITIONS: dict[str, str] = {
 }
 NORMALISATIONS: tuple[str, ...] = tuple(NORMALISATION_DEFINITIONS)
 
-# SynthRAD2023 fixed population range in HU (ecosystem-anchors §3.1); the seed uses the same CT window to put
-# CT on [0, 1] (seed-reference §6.1: GT clipped to [-1024, 3000] and scaled by (HU + 1024) / 4024).
+# SynthRAD2023 fixed population range in HU (SynthRAD2023/metrics ``functions/image_metrics.py``); Ha et al. use
+# the same CT window to put CT on [0, 1] (paper §3.1 "Intensity scaling"; their release's ``evaluate_iqa.py``
+# clips GT to [-1024, 3000] and scales by (HU + 1024) / 4024).
 CT_WINDOW_HU: tuple[float, float] = (-1024.0, 3000.0)
 CT_WINDOW_WIDTH_HU: float = CT_WINDOW_HU[1] - CT_WINDOW_HU[0]  # 4024
 
 # Human-readable versions of the definitions, written to summary.json: metric definitions changed
-# mid-challenge in SynthRAD2023 (ecosystem-anchors §3.1), so results must say which ones they used.
+# mid-challenge in SynthRAD2023 (SynthRAD2023/metrics commit fe7e385), so results must say which ones they used.
 PROFILE_DEFINITIONS: dict[str, str] = {
     "paper": (
         "the seed's evaluate_iqa.py: whole volume on the [0,1] scale (see normalise_definition), data_range 1, "
@@ -181,7 +182,7 @@ def ssim(
     Without a mask this equals ``skimage.metrics.structural_similarity(target, synthetic,
     data_range=data_range, win_size=win_size)`` on float64 inputs: the mean of :func:`ssim_map` after cropping
     ``(win_size - 1) // 2`` voxels at every border. With a mask, the mean is taken over the mask voxels inside
-    that cropped region (the SynthRAD2023 rule ``crop(map, 3)[crop(mask, 3)]``, ecosystem-anchors §3.1); the
+    that cropped region (the rule ``crop(map, 3)[crop(mask, 3)]`` of the SynthRAD2023 evaluation code); the
     map itself is computed on the whole image, so voxels near the mask edge see outside context.
 
     Args:
@@ -242,9 +243,10 @@ def psnr(
 
 
 def nmse(synthetic: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """Normalised MSE: ``MSE(synthetic, target) / Var(target)`` (population variance), seed-reference §6.1.
+    """Normalised MSE: ``MSE(synthetic, target) / Var(target)`` (population variance).
 
-    With a mask, both the MSE and the variance are taken over the mask voxels. Unitless.
+    The definition of the 3D-mDAUNet release's ``evaluate_iqa.py`` (juhha/3D-mADUNet). With a mask, both the MSE
+    and the variance are taken over the mask voxels. Unitless.
 
     Returns:
         The NMSE. A constant target (zero variance) gives ``inf`` when ``synthetic`` differs from it and
@@ -309,7 +311,7 @@ def normalise_pair(synthetic: np.ndarray, target: np.ndarray, mode: str) -> tupl
 
 
 def ct_window_to_unit(hu: np.ndarray) -> np.ndarray:
-    """The seed's CT normalisation (seed-reference §6.1): clip to [-1024, 3000] HU, ``(HU + 1024) / 4024``."""
+    """The 3D-mDAUNet release's CT normalisation (``evaluate_iqa.py``): clip to [-1024, 3000] HU, (HU + 1024) / 4024."""
     lo, hi = CT_WINDOW_HU
     return (np.clip(np.asarray(hu, dtype=np.float64), lo, hi) - lo) / CT_WINDOW_WIDTH_HU
 
@@ -362,7 +364,7 @@ def compute_metrics(
         - ``ssim`` (7³ window), ``psnr`` (data_range 1), ``nmse`` (MSE / Var(target)), ``mae`` over the whole
           volume; with a mask also ``ssim_mask``, ``psnr_mask``, ``nmse_mask``, ``mae_mask`` inside it.
 
-    ``synthrad2023`` (ecosystem-anchors §3.1; inputs in HU, modality must be ``ct``):
+    ``synthrad2023`` (SynthRAD2023 evaluation code; inputs in HU, modality must be ``ct``):
         - ``mae``: in mask, no clipping, HU.
         - ``psnr``: both clipped to [-1024, 3000], in mask, ``data_range = 4024``.
         - ``ssim``: both clipped, voxels outside the mask set to -1024, shifted by +1024,

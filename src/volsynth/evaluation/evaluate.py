@@ -17,8 +17,8 @@ A model's output is only ever scored against its own target modality: when the p
 with a :class:`~volsynth.errors.DataError` naming both.
 
 Prediction, target, mask and ideal image must share the voxel grid (shape, spacing, origin, direction); a
-mismatch is an error that states both grids rather than a silent resample (SynthRAD2025 imposes the GT geometry
-on the prediction, ecosystem-anchors §3.2; we prefer to surface the mismatch).
+mismatch is an error that states both grids rather than a silent resample (the SynthRAD2025 evaluation code,
+``SynthRAD2025/evaluation``, imposes the GT geometry on the prediction; we prefer to surface the mismatch).
 
 **Ceiling.** A phantom manifest lists per subject an ``ideal`` image per contrast: E[noisy target | anatomy],
 the best any prediction can do in mean squared error (:func:`volsynth.data.phantom.rician_mean`). When the
@@ -67,6 +67,7 @@ from volsynth.metrics import (
     metric_names,
     minmax_unit,
     resolve_profile,
+    summarise,
 )
 from volsynth.registry import suggest
 from volsynth.utils import atomic_write_text
@@ -259,8 +260,8 @@ def _resolve_target_modality(target: Path, manifest_target: str | None, explicit
 
 
 def _own_minmax(array: np.ndarray) -> np.ndarray:
-    # The seed's LPIPS input (seed-reference §6.2): each volume min-max normalised on its own; a constant
-    # volume becomes all zeros rather than a division by zero.
+    # The LPIPS input of the 3D-mDAUNet release (juhha/3D-mADUNet ``example/evaluate_lpips.ipynb``): each volume
+    # min-max normalised on its own; a constant volume becomes all zeros rather than a division by zero.
     return minmax_unit(array, constant="zeros")
 
 
@@ -269,17 +270,13 @@ def _format(value: float | str) -> str:
 
 
 def _summarise(rows: list[dict[str, float | str]], columns: list[str]) -> dict[str, dict]:
+    """Per column ``{"mean", "std", "n"}`` over the finite values (and how many were not finite)."""
     summary: dict[str, dict] = {}
     for column in columns:
-        values = np.array([float(row[column]) for row in rows], dtype=np.float64)
-        finite = values[np.isfinite(values)]
-        entry: dict[str, float | int | None] = {
-            "mean": float(finite.mean()) if finite.size else None,
-            "std": float(finite.std(ddof=1)) if finite.size > 1 else None,
-            "n": int(finite.size),
-        }
-        if finite.size != values.size:
-            entry["n_nonfinite"] = int(values.size - finite.size)
+        values = [float(row[column]) for row in rows]
+        entry: dict[str, Any] = dict(summarise(values))
+        if entry["n"] != len(values):
+            entry["n_nonfinite"] = len(values) - entry["n"]
         summary[column] = entry
     return summary
 
@@ -501,7 +498,7 @@ def evaluate_predictions(
         if pair.mask is not None:
             mask_volume = _read(pair.mask, "mask")
             _check_grid(mask_volume, target_volume, "mask")
-            region = np.asarray(mask_volume.array) > 0  # binarised as in SynthRAD2023 (ecosystem-anchors §3.1)
+            region = np.asarray(mask_volume.array) > 0  # binarised (mask > 0) as SynthRAD2023/metrics does
             if not region.any():
                 raise DataError(f"mask {pair.mask} is empty")
         rows.append(score(subject, np.asarray(pred_volume.array, dtype=np.float64), ref, region, pair.prediction))

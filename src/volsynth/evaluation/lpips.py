@@ -15,8 +15,9 @@ by name; the lin weights from the ``lpips`` package's ``weights/v0.1/vgg.pth`` (
 When either is unavailable, :func:`build_lpips` raises :class:`LPIPSUnavailable` and callers must report the
 metric as unavailable, never as 0.
 
-Volumes (seed-reference §6.2): every slice of each of the three views, including background slices, grey
-repeated to 3 channels, the mean per view and then the mean of the view means.
+Volumes (as the 3D-mDAUNet authors' release, juhha/3D-mADUNet ``example/evaluate_lpips.ipynb``): every slice of
+each of the three views, including background slices, grey repeated to 3 channels, the mean per view and then
+the mean of the view means.
 """
 
 from __future__ import annotations
@@ -263,10 +264,10 @@ def lpips_views(
 ) -> dict[str, float]:
     """Mean LPIPS over the slices of each view of two ``(x, y, z)`` volumes on the [0, 1] scale.
 
-    Every slice is used, background slices included (seed-reference §6.2), unless ``max_slices_per_view``
-    asks for evenly spaced ones. Views: ``axial`` = fixed z, ``coronal`` = fixed y, ``sagittal`` = fixed x.
-    Slices are mapped to [-1, 1] (``2 v - 1``; values outside [0, 1] are not clipped) and grey is repeated
-    to 3 channels.
+    Every slice is used, background slices included (as the 3D-mDAUNet release's LPIPS notebook), unless
+    ``max_slices_per_view`` asks for evenly spaced ones. Views: ``axial`` = fixed z, ``coronal`` = fixed y, ``sagittal``
+    = fixed x. Slices are mapped to [-1, 1] (``2 v - 1``; values outside [0, 1] are not clipped) and grey is repeated to
+    3 channels.
 
     Returns:
         ``{view: mean LPIPS over its slices}``.
@@ -323,8 +324,9 @@ def lpips_volume(
 ) -> float:
     """LPIPS of a volume pair: the mean over ``views`` of the per-view slice means (see :func:`lpips_views`).
 
-    Averaging view means (rather than pooling all slices) matches the seed's per-view reporting
-    (seed-reference §6.2) and keeps each view's weight equal on non-cubic volumes.
+    Averaging view means (rather than pooling all slices) matches the per-view reporting of the
+    3D-mDAUNet release (juhha/3D-mADUNet ``example/evaluate_lpips.ipynb``) and keeps each view's weight equal on
+    non-cubic volumes.
 
     Args:
         synthetic, target: ``(x, y, z)`` volumes on the [0, 1] scale, every side >= 16 voxels.

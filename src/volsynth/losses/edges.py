@@ -1,6 +1,6 @@
 """Sobel gradient magnitude and Ea-GAN's edge map / edge L1 loss, in 2D or 3D (no parameters).
 
-Ea-GAN's ``sobelLayer`` (``seed-methods.md`` §4.1, by-lab ``models/networks.py``), restated:
+Ea-GAN's ``sobelLayer`` (by-lab/Ea-GANs ``models/networks.py``), restated:
 
 1. one 3×3×3 kernel per axis: the difference ``[1, 0, −1]`` along that axis times the smoothing ``[1, 2, 1]``
    along each other axis;

@@ -1,6 +1,7 @@
 """Adversarial losses on raw discriminator outputs (logits), as pure functions.
 
-Two criteria (``seed-methods.md`` §3.1 and §5), with fixed target labels (no cached random labels):
+Two criteria (``gan_mode`` of junyanz/pytorch-CycleGAN-and-pix2pix ``GANLoss``), with fixed target labels (no
+cached random labels):
 
 - ``"bce"`` — pix2pix's ``gan_mode='vanilla'``: ``BCEWithLogits(D(x), label)``; the critic has no sigmoid layer.
 - ``"lsgan"`` — least squares (Mao et al. 2017): ``mean((D(x) − label)²)`` on the raw output, no activation. Used

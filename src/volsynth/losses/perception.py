@@ -1,4 +1,4 @@
-"""2.5D perception loss (seed-reference §3.2, paper eq. 4): VGG-19 relu5_4 feature L1 over slices of 3 views.
+"""2.5D perception loss (Ha et al. §3.3, Eq. 4; juhha/3D-mADUNet): VGG-19 relu5_4 feature L1 over 3 views' slices.
 
 A 3D volume ``(B, 1, X, Y, Z)`` is cut into 2D slices along each spatial axis in turn (X → Y×Z planes,
 Y → X×Z, Z → X×Y: sagittal, coronal and axial for RAS-ordered volumes); every slice becomes a batch item of a

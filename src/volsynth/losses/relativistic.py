@@ -4,7 +4,8 @@ Every function takes logit maps of any shape (``(B, 1, *spatial)`` for the voxel
 ``(B, 1)`` for the binary one) and returns a scalar fp32 loss averaged over every element (BCE-with-logits,
 nats). The multi-level wrappers sum a per-level weighted loss over the levels of a discriminator's output dict.
 
-Relativistic average GAN (Jolicoeur-Martineau 2019; paper eqs. 1 and 5, seed-reference §3.3), per level::
+Relativistic average GAN (Jolicoeur-Martineau 2019; Ha et al. Eqs. 1 and 5; release
+juhha/3D-mADUNet ``codes/loss/``), per level::
 
     D: ½ [ BCE(D_r − E[D_s], 1) + BCE(D_s − E[D_r], 0) ]
     G: ½ [ BCE(D_r − E[D_s], 0) + BCE(D_s − E[D_r], 1) ],  D_r detached
@@ -13,8 +14,9 @@ where D_r = D(target), D_s = D(synthetic). ``mean="global"`` takes E[·] as the 
 voxels of that level (the release's ``torch.mean`` without ``dim``); ``mean="batch"`` averages over the batch
 only, per voxel (the predecessor 3D-RRDB-GAN).
 
-The release's two defects (§3.3) are *not* in these functions; :class:`volsynth.methods.mdagan.MDAGAN`
-reproduces them on request (``adversarial.release_compat``) by how it calls them.
+The release's two defects (``codes/loss/discriminator_loss.py``, ``codes/trainer/srgan_trainer.py``) are *not* in these
+functions; :class:`volsynth.methods.mdagan.MDAGAN` reproduces them on request (``adversarial.release_compat``) by how it
+calls them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Multi-resolution voxel loss (seed-reference §3.1): L1 at every output level, summed."""
+"""Multi-resolution voxel loss (Ha et al. §3.3, Eq. 3; juhha/3D-mADUNet): L1 at every output level, summed."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def multires_l1(outputs: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, targe
             order, or one full-resolution tensor).
         target: ``(B, C, *spatial)`` full-resolution target on the same intensity scale.
         weights: per-level weights indexed by level (the release: 1 each, summed — not averaged).
-        mode: how the target is brought to each level's size; ``nearest`` as the release (§3.1).
+        mode: how the target is brought to each level's size; ``nearest`` as the release.
 
     Returns:
         Scalar fp32 loss in target intensity units (mean absolute error per level, weighted sum).

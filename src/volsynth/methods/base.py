@@ -235,24 +235,31 @@ class TranslationMethod(nn.Module, ABC):
 
     @torch.no_grad()
     def infer(self, source: np.ndarray, inferer: Inferer, *, device: torch.device | None = None,
-              precision: str = "fp32", seed: int = 0) -> np.ndarray:
+              precision: str = "fp32", seed: int = 0, channels_last: bool = False) -> np.ndarray:
         """Translate a preprocessed ``(X, Y, Z)`` array on [0, 1] with ``inferer``; float32 on [0, 1].
 
-        The method runs in eval mode under ``inference_mode`` and ``precision`` autocast; its previous mode is
-        restored afterwards, so validation in the middle of training changes nothing.
+        The method runs in eval mode under ``inference_mode`` and ``precision`` autocast; its previous mode and
+        memory format are restored afterwards, so validation in the middle of training changes nothing.
+        ``channels_last`` runs 3D items in channels-last-3D memory (oneDNN's faster path for 3D convs on CPUs).
         """
         device = device or next(self.parameters()).device
         was_training = self.training
 
         def predictor(items: Tensor, generators: list[torch.Generator] | None) -> Tensor:
+            if channels_last and items.ndim == 5:
+                items = items.contiguous(memory_format=torch.channels_last_3d)
             with autocast(device, precision):
-                return self.translate(items, generators).float()
+                return self.translate(items, generators).float().contiguous()
 
         self.eval()
+        if channels_last:
+            set_3d_memory_format(self, torch.channels_last_3d)
         try:
             with torch.inference_mode():
                 return run_inferer(inferer, predictor, source, device=device, seed=seed)
         finally:
+            if channels_last:
+                set_3d_memory_format(self, torch.contiguous_format)
             self.train(was_training)
 
     def validation_scores(self, source: np.ndarray, target: np.ndarray, inferer: Inferer, *,
@@ -271,6 +278,14 @@ def build_method(config: MethodConfig, *, spatial_dims: int = 3, inference: bool
     """Instantiate the registered method named ``config.name`` (``inference``: without training-only parts)."""
     cls = METHODS.get(config.name)
     return cls(cls.inference_config(config) if inference else config, spatial_dims=spatial_dims)
+
+
+def set_3d_memory_format(module: nn.Module, memory_format: torch.memory_format) -> None:
+    """Put every 5-D parameter and buffer (3D conv weights) in ``memory_format``; 2-D layers are left alone."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.dim() == 5:
+                tensor.data = tensor.data.contiguous(memory_format=memory_format)
 
 
 def set_requires_grad(modules: nn.Module | list[nn.Module], flag: bool) -> None:

@@ -1,6 +1,6 @@
 """CycleGAN (Zhu et al., ICCV 2017) ported to 3D, trained on unpaired subjects.
 
-Restated from the official 2D defaults (``seed-methods.md`` §4.4; junyanz ``cycle_gan_model.py``,
+Restated from the official 2D defaults (junyanz/pytorch-CycleGAN-and-pix2pix ``cycle_gan_model.py``,
 ``train_options.py``), with the layer types swapped for 3D:
 
 - two generators, ``source_to_target`` and ``target_to_source``: ResNet generators
@@ -16,8 +16,8 @@ Restated from the official 2D defaults (``seed-methods.md`` §4.4; junyanz ``cyc
   linear decay (train config / presets).
 
 Pairing: this method declares ``requires_paired_data = False``, so the trainer draws ``batch.target`` from other
-subjects than ``batch.source``: even on a paired cohort the pairing is not used (``seed-methods.md`` §4.4 asks
-us to say which).
+subjects than ``batch.source``: even on a paired cohort the pairing is not used (the usual way to run CycleGAN on a
+paired benchmark).
 
 Scales: data on [0, 1] are mapped to the generators' [−1, 1] by ``x·2 − 1``; outputs back by ``(y + 1)/2``. The
 cycle and identity L1 and the LSGAN terms are computed on [−1, 1], as upstream. InstanceNorm has no running

@@ -1,6 +1,6 @@
 """Ea-GAN (Yu et al., IEEE TMI 2019): 3D pix2pix with LSGAN plus a Sobel edge L1 term.
 
-Restated from the official code (``seed-methods.md`` §4.1; by-lab/Ea-GANs ``gea_gan_model.py``,
+Restated from the official code (by-lab/Ea-GANs ``gea_gan_model.py``,
 ``dea_gan_model.py``, ``networks.py``, ``train.py``, ``train_gEaGAN.sh``):
 
 - generator: pix2pix U-Net (:class:`~volsynth.nets.pix2pix_unet.Pix2PixUNet`; official ``unet_128``: 7 down-

@@ -46,7 +46,7 @@ from monai.networks.utils import eval_mode
 from torch import Tensor, nn
 
 from volsynth.config import DataConfig, InferenceConfig, MethodConfig, TrainConfig
-from volsynth.errors import CheckpointError, ConfigError
+from volsynth.errors import ConfigError
 from volsynth.inferers import Inferer, SlabInferer, item_generator
 from volsynth.methods.base import (
     METHODS,
@@ -322,14 +322,7 @@ class MakeAVolume(TranslationMethod):
     def load_pretrained(self, weights: Mapping[str, Tensor], source: MethodConfig, path: str) -> None:
         """The previous stage's weights (``train.init_from``). Volumetric layers coming from a stage that did not
         train them are reset to the identity, so stage 3 starts exactly at the stage-2 model [MAV §2.3]."""
-        if source.name != self.config.name:
-            raise CheckpointError(f"{path}: train.init_from holds a '{source.name}' model, this run trains "
-                                  f"'{self.config.name}'")
-        try:
-            self.load_state_dict(weights)
-        except RuntimeError as error:
-            first = str(error).splitlines()[0][:200]
-            raise CheckpointError(f"{path}: its weights do not fit this '{self.config.name}' ({first})") from None
+        super().load_pretrained(weights, source, path)
         if getattr(source, "stage", None) != "volumetric":
             for layer in self.unet.volumetric_layers():
                 reset_to_identity(layer.volumetric)

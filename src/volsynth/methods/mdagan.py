@@ -1,17 +1,19 @@
 """Multi-resolution guided 3D GAN (Ha et al., WACV 2025): 3D-mDAUNet generator + multi-resolution UNet D.
 
-Generator loss (paper eq. 2, seed-reference §3): L_G = λ1 Σ_levels L1 + λ2 L_perception(level_0) + λ3 Σ_levels
-L_adv with λ = (1, 1, 1e-4); discriminator loss: voxel-wise relativistic BCE at every level (eq. 1).
+Generator loss (paper §3.3, Eq. 2; the authors' release juhha/3D-mADUNet, ``codes/loss/generator_loss.py``):
+L_G = λ1 Σ_levels L1 + λ2 L_perception(level_0) + λ3 Σ_levels L_adv with λ = (1, 1, 1e-4); discriminator loss:
+voxel-wise relativistic BCE at every level (eq. 1).
 
-Per iteration (§4 "Update order"): one generator forward; a discriminator step on the detached generator
+Per iteration (as the release's trainer): one generator forward; a discriminator step on the detached generator
 outputs and the real target; a generator step re-using the same generator outputs, with D frozen.
 
 Deliberate deviations from the release, each switchable back:
 
 * The adversarial loss is the *intended* RaGAN: the release swaps the real/synthetic logits in the generator
-  step (G receives zero adversarial gradient) and detaches D's synthetic logits in the D step (§3.3).
+  step (G receives zero adversarial gradient) and detaches D's synthetic logits in the D step
+  (``codes/trainer/srgan_trainer.py``, ``codes/loss/discriminator_loss.py``).
   ``adversarial.release_compat: true`` reproduces both defects.
-* No hard clip to [0, 1] before the losses (§4 "Known failure"); ``generator.output_activation: clip``
+* No hard clip to [0, 1] before the losses (see :mod:`volsynth.nets.mdaunet`); ``generator.output_activation: clip``
   restores it. :meth:`MDAGAN.translate` always clips.
 * The perception loss normalises grey→RGB→ImageNet in the right order (see
   :mod:`volsynth.losses.perception`).
@@ -45,7 +47,7 @@ from volsynth.nets.vgg import VGGWeightsUnavailable
 
 @dataclass
 class GeneratorConfig:
-    """3D-mDAUNet options (seed-reference §1); defaults are the paper's (6,176,846 parameters)."""
+    """3D-mDAUNet options (paper §3.2, Fig. 1; release ``AttentionDenseUNet``); paper defaults (6,176,846 params)."""
 
     base_channels: int = 16  # level widths c, 2c, 4c, 8c
     growth_rates: tuple[int, int, int, int] = (8, 16, 32, 32)  # RDB growth per encoder level
@@ -59,13 +61,13 @@ class GeneratorConfig:
     upsample: Literal["nearest", "linear"] = "nearest"  # between decoder levels (the paper: nearest)
     input_pyramid: Literal["nearest", "linear"] = "linear"  # how the input pyramid is built (release: trilinear)
     # none: linear heads, losses on the unclipped output, clip only in translate (our default: the release's
-    # clip-before-loss can zero every gradient, seed-reference §4 "Known failure"); clip: the release; sigmoid.
+    # clip-before-loss can zero every gradient, see nets/mdaunet); clip: the release; sigmoid.
     output_activation: Literal["none", "clip", "sigmoid"] = "none"
 
 
 @dataclass
 class DiscriminatorConfig:
-    """Discriminator options (seed-reference §2; the release's file is not public, see nets/discriminators)."""
+    """Discriminator options (paper §3.2; the release's file is not public, see nets/discriminators)."""
 
     # Table 2 "U-Net D.": voxel-wise multi-res UNet, or a global binary D (one logit per patch; patches >= 16³).
     kind: Literal["unet", "binary"] = "unet"
@@ -81,7 +83,7 @@ class DiscriminatorConfig:
 
 @dataclass
 class VoxelLossConfig:
-    """Multi-resolution L1 (§3.1)."""
+    """Multi-resolution L1 (paper Eq. 3 at every level)."""
 
     weight: float = 1.0  # λ1
     level_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)  # summed over levels, as the release
@@ -89,7 +91,7 @@ class VoxelLossConfig:
 
 @dataclass
 class PerceptionConfig:
-    """2.5D VGG perception loss (§3.2)."""
+    """2.5D VGG perception loss (paper Eq. 4)."""
 
     weight: float = 1.0  # λ2; 0 disables the loss and no VGG weights are needed
     # imagenet (torch hub cache, downloaded only if online) | a local torchvision vgg19 .pth | random (explicit
@@ -104,7 +106,7 @@ class PerceptionConfig:
 
 @dataclass
 class AdversarialConfig:
-    """Voxel-wise adversarial loss (§3.3)."""
+    """Voxel-wise adversarial loss (paper Eqs. 1 and 5)."""
 
     mode: Literal["ragan", "bce", "none"] = "ragan"  # Table 2 "Relativistic": ragan vs plain bce; none = no D
     weight: float = 1e-4  # λ3
@@ -248,8 +250,8 @@ class MDAGAN(TranslationMethod):
         real, synthetic = self._run_discriminator(self.discriminator_input(target),
                                                   self.discriminator_input(outputs, detach=True))
         if adv.release_compat:
-            # Release defect (§3.3): the synthetic logits are detached inside the loss, so D learns only from
-            # its real-logit terms.
+            # Release defect (codes/loss/discriminator_loss.py): the synthetic logits are detached inside the loss,
+            # so D learns only from its real-logit terms.
             synthetic = {key: value.detach() for key, value in synthetic.items()}
         return multilevel_loss(adv.mode, real, synthetic, adv.level_weights, side="discriminator",
                                mean=adv.relativistic_mean)
@@ -270,8 +272,8 @@ class MDAGAN(TranslationMethod):
         with torch.no_grad():
             real = self._critic(self.discriminator_input(target))
         if adv.release_compat:
-            # Release defect (§3.3): the trainer passes D(G(x)) as "real" (which the loss detaches) and D(target)
-            # as "synthetic", so no adversarial gradient reaches the generator.
+            # Release defect (codes/trainer/srgan_trainer.py): the trainer passes D(G(x)) as "real" (which the loss
+            # detaches) and D(target) as "synthetic", so no adversarial gradient reaches the generator.
             real, synthetic = synthetic, real
         return multilevel_loss(adv.mode, real, synthetic, adv.level_weights, side="generator",
                                mean=adv.relativistic_mean)

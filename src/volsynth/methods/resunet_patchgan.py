@@ -1,6 +1,6 @@
-"""3D UNet-residual GAN with a PatchGAN critic (paper 002: FLAIR → T1, 3D pix2pix-style).
+"""3D UNet-residual GAN with a PatchGAN critic (FLAIR → T1 on AdelaideMRI, 3D pix2pix-style).
 
-Paper 002 (§2, Figs. 2–3, Eq. 1; "Adam, learning rate 0.0001, 100 epochs"):
+The paper (§2, Figs. 2–3, Eq. 1; "Adam, learning rate 0.0001, 100 epochs"):
 
 - generator: UNet with residual blocks of "3×3×3 Conv+BN+ReLU (×2)", max-pool ×2 down, up-sampling ×2, skip
   connections, "1×1×1 Conv + Tanh" (:class:`~volsynth.nets.resunet.ResUNet`; the open choices are listed there);
@@ -8,10 +8,11 @@ Paper 002 (§2, Figs. 2–3, Eq. 1; "Adam, learning rate 0.0001, 100 epochs"):
   (:class:`~volsynth.nets.patchgan.PatchDiscriminator` on ``concat(source, image)``, 2 channels). Fig. 3's legend
   also shows a "Dense Layer + Bn", which a PatchGAN does not have; we follow the text ("based on PatchGAN");
 - loss (Eq. 1): ``E[log D(x, y)] + E[log(1 − D(x, G(x)))] + E‖y − G(x)‖₁``, i.e. the BCE ("vanilla") GAN plus L1.
-  The paper prints no weight on the L1 term; we use pix2pix's λ = 100 (``seed-methods.md`` §3.1).
+  The paper prints no weight on the L1 term; we use pix2pix's λ = 100 (junyanz ``pix2pix_model.py`` ``lambda_L1``).
 
-Training follows pix2pix's iteration (``seed-methods.md`` §3.1): one generator forward, one critic step on
-(real, detached synthetic), then one generator step with the critic frozen. Critic loss halved, as pix2pix.
+Training follows pix2pix's iteration (junyanz ``pix2pix_model.py`` ``optimize_parameters``): one generator forward,
+one critic step on (real, detached synthetic), then one generator step with the critic frozen. Critic loss halved, as
+pix2pix.
 
 Scales: data arrive on [0, 1]; the networks work on [−1, 1] (``tanh`` output), so source and target are mapped by
 ``x·2 − 1`` and the output back by ``(y + 1)/2``. All losses are computed on the [−1, 1] scale, as in pix2pix,
@@ -22,7 +23,7 @@ In 3D the batch is one or a few patches, so train-mode BN normalises each window
 instance norm); at inference that would make a window's output depend on the other windows stacked in the same
 sliding-window batch and on ``sw_batch_size``. Running statistics make each window a fixed function of its own
 voxels, so the stitched volume does not depend on how windows are batched. (pix2pix's ``test.py`` only does this
-with ``--eval``; ``seed-methods.md`` §3.1 asks us to choose and document.)
+with ``--eval``; by default it tests with batch statistics.)
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from volsynth.nets.resunet import ResUNet
 @dataclass
 class ResUNetPatchGANConfig(MethodConfig):
     name: str = "resunet_patchgan"
-    # Generator (paper 002 Fig. 2). Widths per level are not in the paper: 32-64-128-256 is the 3D U-Net of
+    # Generator (the paper's Fig. 2). Widths per level are not in the paper: 32-64-128-256 is the 3D U-Net of
     # Çiçek et al. (2016); 3 max-pools → patch sizes must be multiples of 8.
     channels: tuple[int, ...] = (32, 64, 128, 256)
     norm: Literal["batch", "instance"] = "batch"  # the paper's "Bn"
@@ -74,7 +75,7 @@ class ResUNetPatchGANConfig(MethodConfig):
 
 @METHODS.register("resunet_patchgan")
 class ResUNetPatchGAN(TranslationMethod):
-    """Residual 3D UNet generator + conditional PatchGAN, BCE GAN + 100·L1 (paper 002 / pix2pix)."""
+    """Residual 3D UNet generator + conditional PatchGAN, BCE GAN + 100·L1 (UNet-residual GAN paper / pix2pix)."""
 
     config_class = ResUNetPatchGANConfig
     description = "3D residual UNet + PatchGAN on (source, image), BCE GAN + 100·L1 (paper 002, pix2pix-style)"

@@ -1,7 +1,7 @@
 """Generic building blocks for 2D/3D networks: conv helpers, RDB/RRDB, CBAM and resampling helpers.
 
-Every block takes ``spatial_dims`` (2 or 3) so the same code builds the 3D paper networks and cheap 2D variants
-for tests. No normalisation layers appear anywhere (seed-reference §1.5: the generator has no BN/IN/GN).
+Every block takes ``spatial_dims`` (2 or 3) so the same code builds the 3D paper networks and cheap 2D variants for
+tests. No normalisation layers appear anywhere (the 3D-mDAUNet release's generator, juhha/3D-mADUNet, has no BN/IN/GN).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def check_divisible(shape: Sequence[int], divisor: int, network: str) -> None:
 
 
 class ResidualDenseBlock(nn.Module):
-    """Residual dense block as in the release (seed-reference §1.3), an ESRGAN RDB variant.
+    """Residual dense block as in the 3D-mDAUNet release (juhha/3D-mADUNet), an ESRGAN RDB variant.
 
     ``num_convs`` 3×3(×3) convs; conv ``i < num_convs - 1`` maps ``channels + i * growth`` → ``growth`` and the
     last maps ``channels + (num_convs - 1) * growth`` → ``channels``. LeakyReLU follows *every* conv, the last
@@ -193,7 +193,7 @@ class CBAM(nn.Module):
     """Convolutional block attention module (Woo et al. 2018): channel then spatial attention, no residual.
 
     In the mDAUNet decoder it merges the concatenation [up-sampled deep features, encoder skip]
-    (seed-reference §1.5). Shapes: ``(B, C, *spatial)`` → same.
+    (Ha et al. §3.2 and Fig. 1; the release juhha/3D-mADUNet). Shapes: ``(B, C, *spatial)`` → same.
     """
 
     def __init__(self, spatial_dims: int, channels: int, reduction: int, kernel_size: int = 7) -> None:

@@ -1,11 +1,11 @@
 """Discriminators for the multi-resolution GAN: a voxel-wise multi-resolution UNet and a global binary one.
 
-The release's discriminator file (``simpleunet.py``) is not public (seed-reference §2), so the UNet below is
-our own design constrained by what *is* known: unconditional 1-channel input, base width 8 with 4 levels
-(8/16/32/64), LeakyReLU 0.2, nearest resampling, multi-resolution input like the generator, and one voxel-wise
-logit map per level (full, 1/2, 1/4, 1/8 resolution). The paper says spectral normalisation follows each
-activation; we spectrally normalise every hidden conv (all except the per-level input convs and the logit
-heads), as the predecessor's Real-ESRGAN UNet discriminator does (§11.2, flagged as an assumption).
+The discriminator file of the authors' release (juhha/3D-mADUNet ``codes/model/simpleunet.py``) is not public, so the
+UNet below is our own design constrained by what *is* known: unconditional 1-channel input, base width 8 with 4 levels
+(8/16/32/64), LeakyReLU 0.2, nearest resampling, multi-resolution input like the generator, and one voxel-wise logit map
+per level (full, 1/2, 1/4, 1/8 resolution). The paper says spectral normalisation follows each activation; we spectrally
+normalise every hidden conv (all except the per-level input convs and the logit heads), as the predecessor's Real-ESRGAN
+UNet discriminator does (juhha/3dRRDBGANP ``unet_disc.py``; an assumption).
 """
 
 from __future__ import annotations

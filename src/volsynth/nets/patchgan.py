@@ -1,6 +1,6 @@
 """PatchGAN discriminator (pix2pix "basic"/"n_layers") in 2D/3D, with its pix2pix-family companions.
 
-Layout (``seed-methods.md`` §3.1, junyanz ``NLayerDiscriminator``): ``C64`` (k4 s2, no norm) → ``n_layers - 1``
+Layout (junyanz/pytorch-CycleGAN-and-pix2pix ``NLayerDiscriminator``): ``C64`` (k4 s2, no norm) → ``n_layers - 1``
 more k4 s2 convs doubling the width up to 8×ndf → one k4 **s1** conv (width ``min(2**n_layers, 8)·ndf``) → a k4 s1
 conv to one channel of raw logits. LeakyReLU 0.2 after every conv but the last, norm on all middle convs. With
 ``n_layers = 3`` this is the "70×70 PatchGAN": one output voxel sees a 70³ input cube (:func:`receptive_field`).
@@ -8,7 +8,7 @@ conv to one channel of raw logits. LeakyReLU 0.2 after every conv but the last, 
 Also here, because every GAN method of the pix2pix family shares them:
 
 - :func:`init_gan_weights` — pix2pix/CycleGAN's ``init_type='normal'``: conv weights ~ N(0, 0.02), norm scale
-  ~ N(1, 0.02), biases 0 (``seed-methods.md`` §3.1);
+  ~ N(1, 0.02), biases 0 (junyanz ``models/networks.py`` ``init_weights``);
 - :class:`ImagePool` — the history buffer of synthetic images shown to the discriminator (Shrivastava et al.
   2017; CycleGAN ``pool_size`` 50, Ea-GAN 4), checkpointed through ``get_extra_state``.
 """
@@ -45,8 +45,8 @@ def receptive_field(n_layers: int = 3) -> int:
 def output_size(input_size: int, n_layers: int = 3, padding: int = 1) -> int:
     """Output grid length per axis for an input of ``input_size`` voxels (``⌊(n + 2p − k)/s⌋ + 1`` per conv).
 
-    With ``padding = 1``: 64 → 6, 96 → 10, 128 → 14, 256 → 30 (``seed-methods.md`` §3.2); Ea-GAN's padding 2 gives
-    128 → 19.
+    With ``padding = 1``: 64 → 6, 96 → 10, 128 → 14, 256 → 30 (as the official ``NLayerDiscriminator``); Ea-GAN's
+    padding 2 gives 128 → 19.
     """
     size = input_size
     for kernel, stride in layer_specs(n_layers):
@@ -120,7 +120,7 @@ def init_gan_weights(module: nn.Module, std: float = 0.02) -> nn.Module:
 
 
 class ImagePool(nn.Module):
-    """History of synthetic images for the discriminator (CycleGAN's ``ImagePool``; ``seed-methods.md`` §4.4).
+    """History of synthetic images for the discriminator (CycleGAN's ``ImagePool``, junyanz ``util/image_pool.py``).
 
     :meth:`query` takes a batch ``(B, C, *S)`` and returns a batch of the same shape. Per image: while the pool holds
     fewer than ``size`` images the image is stored and returned; once full, with probability 0.5 a random stored

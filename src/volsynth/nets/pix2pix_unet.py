@@ -1,11 +1,11 @@
 """pix2pix's U-Net generator (``unet_32`` … ``unet_256``) in 2D/3D — the generator of Ea-GAN.
 
-Structure (``seed-methods.md`` §3.1 and §4.1; junyanz / by-lab ``UnetGenerator``): ``num_downs`` nested
-skip-connection blocks. Going in, each block is ``LeakyReLU(0.2) → conv k4 s2 p1 → norm`` (the outermost block
-has neither activation nor norm, the innermost no norm); coming out, ``ReLU → transposed conv k4 s2 p1 → norm``
-(the outermost ends in ``tanh`` instead of a norm) and the block output is ``concat(up, x)``. Widths: ngf, 2·ngf,
-4·ngf, then 8·ngf for every deeper level; dropout 0.5 (optional) after the ``num_downs − 5`` innermost 8·ngf
-blocks that are neither innermost nor among the outer four.
+Structure (``UnetGenerator`` in ``models/networks.py`` of junyanz/pytorch-CycleGAN-and-pix2pix and of by-lab/Ea-GANs):
+``num_downs`` nested skip-connection blocks. Going in, each block is ``LeakyReLU(0.2) → conv k4 s2 p1 → norm`` (the
+outermost block has neither activation nor norm, the innermost no norm); coming out,
+``ReLU → transposed conv k4 s2 p1 → norm`` (the outermost ends in ``tanh`` instead of a norm) and the block output is
+``concat(up, x)``. Widths: ngf, 2·ngf, 4·ngf, then 8·ngf for every deeper level; dropout 0.5 (optional) after the
+``num_downs − 5`` innermost 8·ngf blocks that are neither innermost nor among the outer four.
 
 Ea-GAN's 3D ``unet_128`` is ``num_downs = 7`` (a 128³ input reaches 1³ at the bottleneck), ngf 64: 167.27 M
 parameters; the spatial size must be a multiple of ``2 ** num_downs``.

@@ -1,6 +1,6 @@
 """CycleGAN's ResNet generator (``resnet_9blocks`` / ``resnet_6blocks``) in 2D/3D.
 
-Structure (``seed-methods.md`` §4.4, junyanz ``ResnetGenerator``), ported to 3D by swapping the layer types:
+Structure (junyanz/pytorch-CycleGAN-and-pix2pix ``ResnetGenerator``), ported to 3D by swapping the layer types:
 
     reflect-pad conv k7 → ngf, norm, ReLU
     2 × [conv k3 s2 → ×2 width, norm, ReLU]

@@ -1,12 +1,12 @@
-"""UNet with residual blocks, the generator of the 3D FLAIR→T1 GAN (paper 002, "UNet-residual GAN").
+"""UNet with residual blocks, the generator of the 3D FLAIR→T1 "UNet-residual GAN" paper (AdelaideMRI).
 
-Paper 002 (Fig. 2) describes the generator only by its legend: "3×3×3 Conv+BN+ReLU (×2)" blocks with a residual
+The paper (Fig. 2) describes the generator only by its legend: "3×3×3 Conv+BN+ReLU (×2)" blocks with a residual
 path, "Max Pooling (by 2)" down, "Up Sampling (by 2)", skip connections, and a final "1×1×1 Conv + Tanh". What
-the figure leaves open (``seed-methods.md`` §3.2, last list) is decided here and exposed as arguments:
+the figure leaves open is decided here and exposed as arguments:
 
 - residual form: ``out = body(x) + shortcut(x)`` with ``body = [Conv3³ → BN → ReLU] × 2`` and ``shortcut`` the
   identity, or a 1³ convolution when the channel count changes. There is no activation after the sum, so a block
-  whose convolutions are zeroed is exactly its shortcut (the faithfulness check of ``seed-methods.md`` §3.3.1);
+  whose convolutions are zeroed is exactly its shortcut (checked in ``tests/test_baselines.py``);
 - up-sampling: trilinear interpolation by default (parameter-free, no checkerboard artefacts), nearest or a
   stride-2 transposed convolution as options; the up-sampled map is concatenated with the skip and fed to a
   residual block;

@@ -36,7 +36,7 @@ from volsynth.config import ExperimentConfig, save_config, to_dict
 from volsynth.data.sampling import KEYS, build_sampler
 from volsynth.errors import CheckpointError, ConfigError, OutputError, TrainingDivergedError
 from volsynth.experiment import checkpoint_config, load_checkpoint, save_checkpoint
-from volsynth.methods.base import Batch, StepContext, TranslationMethod, build_method
+from volsynth.methods.base import Batch, StepContext, TranslationMethod, build_method, set_3d_memory_format
 from volsynth.run import RunFolder
 from volsynth.training.data import Task, prepare_subjects, resolve_task
 from volsynth.training.distributed import Distributed
@@ -249,7 +249,7 @@ class Trainer:
                 torch.use_deterministic_algorithms(True, warn_only=True)
             method.to(self.device)
             if config.train.channels_last:
-                method.to(memory_format=torch.channels_last_3d)
+                set_3d_memory_format(method, torch.channels_last_3d)
             if self.dist.is_main:
                 save_config(config, self.run.config)
                 atomic_write_text(self.run.splits, json.dumps(task.splits, indent=2) + "\n")

@@ -218,27 +218,26 @@ def _read_splits(run: RunData, final: RunFolder, folder: RunFolder) -> None:
         run.splits = {k: [str(s) for s in v] for k, v in data.items() if isinstance(v, list)}
 
 
+def _rows(path: Path, run: RunData, missing_note: str | None) -> list[dict[str, float]]:
+    """A run's numeric CSV rows; an unreadable file or (when asked) a missing one becomes a note."""
+    if not path.is_file():
+        if missing_note:
+            run.notes.append(missing_note)
+        return []
+    try:
+        return numeric_rows(path)
+    except (OSError, csv.Error, UnicodeDecodeError) as err:
+        run.notes.append(f"{path.name} unreadable ({err})")
+        return []
+
+
 def _read_training(run: RunData, stages: Sequence[RunFolder]) -> None:
     """log.csv and validation.csv of every stage; validation seconds count from the start of the first stage."""
     offset, total = 0.0, None
     for index, stage in enumerate(stages):
         is_final = index == len(stages) - 1
-        log: list[dict[str, float]] = []
-        if stage.log.is_file():
-            try:
-                log = numeric_rows(stage.log)
-            except (OSError, csv.Error, UnicodeDecodeError) as err:
-                run.notes.append(f"{stage.log.name} unreadable ({err})")
-        elif is_final:
-            run.notes.append("no log.csv: no training curves")
-        validation: list[dict[str, float]] = []
-        if stage.validation.is_file():
-            try:
-                validation = numeric_rows(stage.validation)
-            except (OSError, csv.Error, UnicodeDecodeError) as err:
-                run.notes.append(f"{stage.validation.name} unreadable ({err})")
-        elif is_final:
-            run.notes.append("no validation.csv: no validation curves")
+        log = _rows(stage.log, run, "no log.csv: no training curves" if is_final else None)
+        validation = _rows(stage.validation, run, "no validation.csv: no validation curves" if is_final else None)
         # the stage's wall time: the last time either file recorded (a final validation comes after the last log)
         seconds = [r["seconds"] for r in [*log, *validation] if math.isfinite(r.get("seconds", math.nan))]
         if is_final:
