@@ -31,6 +31,8 @@ ABLATIONS = {  # the flagship's ablations (after Ha et al. Table 2: multi-resolu
     "mdagan-bce": ["method.adversarial.mode=bce"],
 }
 STAGE_SHARE = {"autoencoder": 0.25, "slice": 0.6, "volumetric": 0.15}  # of a staged method's budget
+# Stages whose validation scores a reconstruction (target → target), not a translation: plotted, never ranked.
+RECONSTRUCTION_STAGES = {"autoencoder"}
 
 
 def jobs(methods: list[str], ablations: bool) -> list[tuple[str, str, list[str]]]:
@@ -92,8 +94,8 @@ def ceiling_psnr(run: Path) -> float | None:
     return psnr(ideal_array, target, data_range=1.0)
 
 
-def curve(run: Path) -> list[tuple[float, int, float, float]]:
-    """(training seconds, iteration, psnr, ssim) over every stage of a run, stage times added up."""
+def curve(run: Path) -> list[tuple[float, int, float, float, str]]:
+    """(training seconds, iteration, psnr, ssim, stage) over every stage of a run, stage times added up."""
     from volsynth.run import RunFolder
 
     folders = RunFolder.of(run).stages() or [RunFolder.of(run)]
@@ -104,14 +106,15 @@ def curve(run: Path) -> list[tuple[float, int, float, float]]:
         rows = list(csv.DictReader(folder.validation.open()))
         for row in rows:
             seconds = float(row.get("train_seconds") or row["seconds"])
-            points.append((offset + seconds, int(row["iteration"]), float(row["psnr"]), float(row["ssim"])))
+            points.append((offset + seconds, int(row["iteration"]), float(row["psnr"]), float(row["ssim"]),
+                           folder.root.name.partition("-")[2] if folder.root != run else ""))  # "2-slice"
         if rows:
             offset += float(rows[-1].get("train_seconds") or rows[-1]["seconds"])
     return points
 
 
-def seconds_to(points: list[tuple[float, int, float, float]], level: float) -> float | None:
-    return next((s for s, _, p, _ in points if p >= level), None)
+def seconds_to(points: list[tuple[float, int, float, float, str]], level: float) -> float | None:
+    return next((s for s, _, p, _, _ in points if p >= level), None)
 
 
 def main() -> None:
@@ -156,13 +159,14 @@ def main() -> None:
         run = args.out / "runs" / label
         points = curve(run)
         ceiling = ceiling if ceiling is not None else ceiling_psnr(run)
-        rows += [{"method": label, "train_seconds": round(s, 1), "iteration": i, "psnr": round(p, 3),
-                  "ssim": round(q, 4)} for s, i, p, q in points]
-        best = max((p for _, _, p, _ in points), default=float("nan"))
+        rows += [{"method": label, "stage": stage, "train_seconds": round(s, 1), "iteration": i, "psnr": round(p, 3),
+                  "ssim": round(q, 4)} for s, i, p, q, stage in points]
+        points = [point for point in points if point[4] not in RECONSTRUCTION_STAGES]
+        best = max((p for _, _, p, _, _ in points), default=float("nan"))
         reach = [seconds_to(points, ceiling - gap) if ceiling is not None else None for gap in (6, 4, 2)]
         table.append((label, best, *reach))
     with (args.out / "ttq.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["method", "train_seconds", "iteration", "psnr", "ssim"])
+        writer = csv.DictWriter(handle, fieldnames=["method", "stage", "train_seconds", "iteration", "psnr", "ssim"])
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, ceiling, args.out / "ttq.png")
@@ -183,8 +187,14 @@ def plot(rows: list[dict], ceiling: float | None, path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(8, 4.5), dpi=110)
     for label in dict.fromkeys(r["method"] for r in rows):
-        points = [(r["train_seconds"], r["psnr"]) for r in rows if r["method"] == label]
-        axis.plot(*zip(*points, strict=True), marker=".", label=label)
+        ranked = [(r["train_seconds"], r["psnr"]) for r in rows
+                  if r["method"] == label and r["stage"] not in RECONSTRUCTION_STAGES]
+        line, = axis.plot(*zip(*ranked, strict=True), marker=".", label=label)
+        reconstruction = [(r["train_seconds"], r["psnr"]) for r in rows
+                          if r["method"] == label and r["stage"] in RECONSTRUCTION_STAGES]
+        if reconstruction:
+            axis.plot(*zip(*reconstruction, strict=True), marker=".", linestyle=":", color=line.get_color(),
+                      label=f"{label} ({'/'.join(sorted(RECONSTRUCTION_STAGES))}: reconstruction)")
     if ceiling is not None:
         axis.axhline(ceiling, color="k", linestyle="--", linewidth=1, label="phantom ceiling")
         for gap in (6, 4, 2):

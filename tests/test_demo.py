@@ -17,7 +17,9 @@ def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert code == 0
     printed = capsys.readouterr().out
     for method in ("mdagan", "regression_unet"):  # one summary line per method, with the ceiling
-        line = next(line for line in printed.splitlines() if line.startswith(f"[demo] {method} "))
+        summaries = [line for line in printed.splitlines() if line.startswith(f"[demo] {method} ") and "|" in line]
+        assert len(summaries) == 1, printed
+        line = summaries[0]
         assert "PSNR" in line and "(ceiling" in line and "masked NMSE" in line and "trained in" in line
     assert json.loads((out / "demo.json").read_text())["seed"] == 3
     index = out / "report" / "index.html"

@@ -22,9 +22,9 @@ from volsynth.training.trainer import iteration_seed, train
 
 pytestmark = pytest.mark.slow
 
-TINY = ["method.channels=[4,8]", "method.num_res_units=1", "method.norm=null", "data.sampling.patch_size=[8,8,8]",
-        "train.log_every=1", "train.val_every=100", "train.lr=1e-3", "train.progress=false",
-        "inference.overlap=0.25", "train.distributed_timeout=60"]
+TINY = ["method.channels=[4,8]", "method.strides=[2]", "method.num_res_units=1", "method.norm=null",
+        "data.sampling.patch_size=[8,8,8]", "train.log_every=1", "train.val_every=100", "train.lr=1e-3",
+        "train.progress=false", "inference.overlap=0.25", "train.distributed_timeout=60"]
 
 
 def torchrun() -> str:

@@ -72,7 +72,8 @@ def trained(tmp_path: Path) -> tuple[Path, Path, list[Subject]]:
     manifest = save_manifest(Manifest(subjects, source="mr", target="ct"), tmp_path / "data/manifest.json")
     run = tmp_path / "run"
     config = load_config("regression_unet-cpu", [f"data.manifest={manifest}", *ct_config(), "data.source_kind=mr",
-                                                 "train.iterations=2", "train.progress=false", "method.channels=[4,8]"])
+                                                 "train.iterations=2", "train.progress=false", "method.channels=[4,8]",
+                                                 "method.strides=[2]"])
     train(config, run)
     return run, manifest, subjects
 
