@@ -51,6 +51,9 @@ BASE_OVERRIDES = ["method.perception.weight=0"]
 
 
 def worker(spec: dict[str, Any]) -> None:
+    import contextlib
+    import dataclasses
+
     import numpy as np
     import torch
     from monai.inferers import sliding_window_inference
@@ -96,6 +99,11 @@ def worker(spec: dict[str, Any]) -> None:
     def run_volsynth() -> np.ndarray:
         return translate_volume(method, config, volume, device=device).array
 
+    compiled_config = dataclasses.replace(config, inference=dataclasses.replace(config.inference, compile=True))
+
+    def run_compiled() -> np.ndarray:  # `volsynth predict --compile`
+        return translate_volume(method, compiled_config, volume, device=device).array
+
     def overheads(repeats: int) -> dict[str, float]:
         """Network-free parts, medians: translate_volume with an identity ``infer`` (preprocess + inverse)
         and MONAI's sliding window with an identity predictor (window cutting + Gaussian blending)."""
@@ -129,8 +137,18 @@ def worker(spec: dict[str, Any]) -> None:
         with torch.inference_mode():
             warmup_s = timed(predictor, batch)[0]
         log(f"  [{precision}] warm-up window batch {warmup_s:.2f} s")
+    compile_s = None
+    if "compiled" in spec["contenders"]:
+        # The one-off compile, outside the timed runs (reported apart), through the very path the timed runs take
+        # (so no guard differs): a volume of exactly one full window batch along the last axis.
+        stride = max(1, int(roi[2] * (1 - inference.overlap)))
+        small = np.ones((roi[0], roi[1], roi[2] + stride * (inference.sw_batch_size - 1)), dtype=np.float32)
+        small[0, 0, 0] = 0.0
+        compile_s = timed(translate_volume, method, compiled_config, Volume(small, spacing=(1.0, 1.0, 1.0)),
+                          device=device)[0]
+        log(f"  [{precision}] compile + one window batch {compile_s:.2f} s")
 
-    runs = {"volsynth": run_volsynth, "monai": run_monai}
+    runs = {"volsynth": run_volsynth, "monai": run_monai, "compiled": run_compiled}
     contenders = spec["contenders"]
     times: dict[str, list[float]] = {name: [] for name in contenders}
     flops = {name: ConvFlopCounter({"G": generator}) for name in contenders}
@@ -142,7 +160,9 @@ def worker(spec: dict[str, Any]) -> None:
         for name in order:
             windows[0] = 0
             if i == 0:
-                with flops[name]:
+                # Hooks added after compiling would make dynamo recompile mid-run: the compiled contender is not
+                # hooked and does the same network work as the others (its count is copied below).
+                with flops[name] if name != "compiled" else contextlib.nullcontext():
                     seconds, outputs[name] = timed(runs[name])
                 window_count[name] = windows[0]
                 first_peak[name] = peak_rss_mib()
@@ -150,15 +170,20 @@ def worker(spec: dict[str, Any]) -> None:
                 seconds = timed(runs[name])[0]
             times[name].append(seconds)
             log(f"  [{precision}] round {i + 1}/{spec['repeats']}: {name} {seconds:.2f} s")
+    if "compiled" in flops and len(contenders) > 1:
+        flops["compiled"] = next(flops[name] for name in contenders if name != "compiled")
     # After the network runs, so that their peak RSS is read first.
     overhead = overheads(spec["overhead_repeats"]) if spec["overhead_repeats"] else None
     diff = (float(np.abs(np.clip(outputs["monai"], 0, 1) - outputs["volsynth"]).max())
-            if len(outputs) == 2 else None)
+            if {"monai", "volsynth"} <= outputs.keys() else None)
+    compiled_diff = (float(np.abs(np.clip(outputs["monai"], 0, 1) - outputs["compiled"]).max())
+                     if {"monai", "compiled"} <= outputs.keys() else None)
     emit_result({
         "precision": precision, "threads": torch.get_num_threads(), "times": times,
         "windows": window_count, "flops": {k: v.total for k, v in flops.items()}, "warmup_s": warmup_s,
         "overhead": overhead, "rss_baseline_mib": baseline, "rss_first_mib": first_peak,
         "rss_peak_mib": peak_rss_mib(), "first": contenders[0] if contenders else None, "max_abs_diff": diff,
+        "compiled_max_abs_diff": compiled_diff, "compile_s": compile_s,
         "params": sum(p.numel() for p in generator.parameters()), "worker_cpu_s": cpu_seconds(),
         "loadavg": os.getloadavg(), "probe_gflops": [probe_start, calibrate(precision)],
     })
@@ -175,8 +200,9 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per contender (median reported)")
     parser.add_argument("--warmup", type=int, default=1, choices=[0, 1], help="one untimed window batch first")
-    parser.add_argument("--contenders", nargs="+", default=["monai", "volsynth"], choices=["monai", "volsynth"],
-                        help="which to run; the first one's peak RSS is read clean")
+    parser.add_argument("--contenders", nargs="+", default=["monai", "volsynth", "compiled"],
+                        choices=["monai", "volsynth", "compiled"],
+                        help="which to run (compiled = `predict --compile`); the first one's peak RSS is read clean")
     parser.add_argument("--overhead-repeats", type=int, default=3, help="runs of the network-free parts (identity "
                         "network): volsynth's preprocess + inverse, and MONAI's window cutting + blending")
     parser.add_argument("--overhead-only", action="store_true", help="measure only the network-free parts")
@@ -196,7 +222,7 @@ def main() -> None:
     if args.quick:
         args.shape, args.roi, args.precisions, args.repeats = [40, 48, 40], 24, ["fp32"], 1
     if args.sw_batch_size is None:
-        from volsynth.config import load_config
+        from volsynth.experiment import load_config
 
         args.sw_batch_size = load_config(args.config, BASE_OVERRIDES + args.overrides).inference.sw_batch_size
     contenders = [] if args.overhead_only else list(dict.fromkeys(args.contenders))
@@ -236,7 +262,7 @@ def report(args: argparse.Namespace, contenders: list[str], results: list[dict[s
         base = r["rss_baseline_mib"]
         first = r["first"]
         windows = r["windows"][contenders[0]]
-        ratio = f"{t['volsynth'] / t['monai']:.3f}" if len(contenders) == 2 else "–"
+        ratio = f"{t['volsynth'] / t['monai']:.3f}" if {"volsynth", "monai"} <= t.keys() else "–"
         row = [shape, f"{args.roi}³", windows, r["precision"]]
         row += [f"{t[n]:.2f}" if n in t else "–" for n in ("volsynth", "monai")]
         row += [ratio, f"{gflop[contenders[0]]:,.0f}", f"{t[contenders[0]] / windows:.2f}"]
@@ -250,6 +276,13 @@ def report(args: argparse.Namespace, contenders: list[str], results: list[dict[s
          "ratio volsynth/MONAI", "conv GFLOP/volume", f"s/window ({contenders[0]})", "volsynth GFLOP/s (% ceiling)",
          "MONAI GFLOP/s (% ceiling)", f"peak RSS {contenders[0]} GiB (Δ, clean)", "peak RSS process GiB (Δ)",
          "max |Δ| output"], rows))
+    for r in results:
+        if "compiled" in r["times"] and "monai" in r["times"]:
+            t_compiled, t_monai = median(r["times"]["compiled"]), median(r["times"]["monai"])
+            print(f"\n`predict --compile` ({r['precision']}): {t_compiled:.2f} s per volume vs plain MONAI "
+                  f"{t_monai:.2f} s = **{t_monai / t_compiled:.2f}× faster** "
+                  f"({efficiency(r['flops']['compiled'] / 1e9, t_compiled, r['precision'])}); one-off compile + "
+                  f"first window batch {r['compile_s']:.1f} s; max |Δ| vs MONAI {r['compiled_max_abs_diff']:.1e}")
     print("\nRaw times (s) and worker CPU time:\n")
     for r in results:
         ref = CALIBRATION_REFERENCE[r["precision"]]

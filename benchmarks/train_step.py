@@ -50,7 +50,7 @@ def worker(spec: dict[str, Any]) -> None:
     import torch.nn.functional as F
     from monai.networks.nets import UNet
 
-    from volsynth.config import load_config
+    from volsynth.experiment import load_config
     from volsynth.methods import build_method
     from volsynth.methods.base import Batch, StepContext
 

@@ -140,3 +140,15 @@ def test_unsupported_suffix(tmp_path: Path) -> None:
     path.write_text("hello")
     with pytest.raises(VolumeError, match="not a supported image file"):
         read_volume(path)
+
+
+def test_dicom_io_leaves_the_process_locale_alone(tmp_path: Path) -> None:
+    """GDCM switches the C locale to "C"; left so, every later default-encoding open() in the process is ASCII."""
+    import locale
+
+    before = locale.setlocale(locale.LC_ALL)
+    folder = write_volume(Volume(np.arange(512, dtype=np.float32).reshape(8, 8, 8), (1.0, 1.0, 2.0)),
+                          tmp_path / "series")
+    assert locale.setlocale(locale.LC_ALL) == before
+    read_volume(folder)
+    assert locale.setlocale(locale.LC_ALL) == before

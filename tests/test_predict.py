@@ -1,5 +1,6 @@
 """Prediction: native geometry and units, synthetic labelled as such, outputs only inside --out, shards."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -73,7 +74,7 @@ def trained(tmp_path: Path) -> tuple[Path, Path, list[Subject]]:
     run = tmp_path / "run"
     config = load_config("regression_unet-cpu", [f"data.manifest={manifest}", *ct_config(), "data.source_kind=mr",
                                                  "train.iterations=2", "train.progress=false", "method.channels=[4,8]",
-                                                 "method.strides=[2]"])
+                                                 "method.strides=[2]", "method.output=sigmoid"])  # never constant
     train(config, run)
     return run, manifest, subjects
 
@@ -191,3 +192,36 @@ def test_deterministic_methods_refuse_sampler_options(trained, tmp_path: Path) -
     with pytest.raises(ConfigError, match="deterministic and has no sampling steps"):
         predict(run / "checkpoints/last.pt", manifest, tmp_path / "p", steps=5, progress=False)
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.slow
+def test_compiled_inference_equals_eager_and_pads_the_short_last_window_batch(trained, tmp_path: Path) -> None:
+    run, _, _ = trained
+    from volsynth.experiment import load_method
+
+    method, config, _ = load_method(run / "checkpoints/last.pt", device=torch.device("cpu"))
+    source = np.random.default_rng(0).random((16, 16, 16), dtype=np.float32)
+    inferer = method.make_inferer(dataclasses.replace(config.inference, roi_size=(8, 8, 8), overlap=0.5,
+                                                      sw_batch_size=4), config.data)  # 27 windows: 4 × 6 + 3
+    seen: list[int] = []
+    original = method.translate
+
+    def counting(items: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        seen.append(items.shape[0])
+        return original(items, generators)
+
+    method.translate = counting  # type: ignore[method-assign]
+    eager = method.infer(source, inferer, channels_last=True)
+    compiled = method.infer(source, inferer, channels_last=True, compile=True)
+    np.testing.assert_allclose(compiled, eager, atol=1e-5)
+    assert not np.allclose(eager, eager.mean())  # a real output, not a constant both could agree on
+    assert seen[:7] == [4, 4, 4, 4, 4, 4, 3]  # eager: the short last batch as it is
+    assert set(seen[7:]) == {4}  # compiled: traced with full batches only (the short one padded)
+
+
+def test_stochastic_methods_refuse_compile() -> None:
+    from volsynth.methods import build_method
+
+    method = build_method(load_config("make_a_volume-cpu").method)
+    with pytest.raises(ConfigError, match="--compile"):
+        method.compiled_translate()

@@ -260,6 +260,10 @@ def predict(
     steps: Annotated[int | None, typer.Option(min=1, help="Stochastic methods: sampling steps")] = None,
     shard: Annotated[str | None, typer.Option(help="K/N: translate only share K of N (cluster array jobs)")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing predictions in --out")] = False,
+    compile_network: Annotated[bool | None, typer.Option(
+        "--compile/--no-compile", help="torch.compile with frozen weights: 2-4x faster windows on CPUs after a "
+                                       "one-off compile of 1-2 min; needs a C++ compiler (default: the config's)")
+                               ] = None,
 ) -> None:
     """Translate volumes with a trained checkpoint, back onto each input's own grid and units.
 
@@ -279,7 +283,8 @@ def predict(
     path = resolve_checkpoint(run, checkpoint, which.value)
     written = run_predict(path, input_, out, device=device, overlap=overlap, sw_batch_size=sw_batch_size,
                           precision=precision.value if precision else None, subjects=subjects, seed=seed,
-                          steps=steps, shard=parse_shard(shard), overwrite=overwrite)
+                          steps=steps, shard=parse_shard(shard), overwrite=overwrite,
+                          compile_network=compile_network)
     _echo(f"Wrote {len(written)} synthetic volume(s) to {out}")
 
 

@@ -7,11 +7,14 @@ outputs are written under a temporary name in the destination folder and renamed
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import locale
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,20 @@ def strip_image_suffix(path: str | Path) -> str:
     return name[: -len(suffix)] if suffix else name
 
 
+@contextlib.contextmanager
+def _keeping_locale() -> Iterator[None]:
+    """Put the process locale back after SimpleITK: GDCM (its DICOM I/O) switches it to "C", which silently makes
+    ASCII the default text encoding of every later ``open()`` in the process (torch.compile's templates, users'
+    own code)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        if locale.setlocale(locale.LC_ALL) != saved:
+            locale.setlocale(locale.LC_ALL, saved)
+
+
+@_keeping_locale()
 def is_dicom_dir(path: str | Path) -> bool:
     """Whether a folder holds a DICOM series (GDCM's "no series found" warning is silenced: it is an answer)."""
     path = Path(path)
@@ -61,6 +78,7 @@ def is_dicom_dir(path: str | Path) -> bool:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
+@_keeping_locale()
 def read_volume(path: str | Path, *, series_id: str | None = None, check_finite: bool = True) -> Volume:
     """Read a 3D single-channel volume (a file, or a folder holding one DICOM series).
 
@@ -174,6 +192,7 @@ def _read_dicom_series(folder: Path, series_id: str | None) -> sitk.Image:
     return reader.Execute()
 
 
+@_keeping_locale()
 def write_volume(volume: Volume, path: str | Path, *, compress: bool = True, description: str | None = None) -> Path:
     """Write ``volume`` to ``path`` atomically; the format follows the suffix (a suffix-less path = DICOM folder).
 
@@ -236,6 +255,7 @@ def read_description(path: str | Path) -> str:
     return ""
 
 
+@_keeping_locale()
 def write_dicom_series(volume: Volume, folder: str | Path, *, modality: str = "OT",
                        series_description: str = "volsynth") -> Path:
     """Write a DICOM series (one file per z slice) into ``folder``, replacing it atomically.

@@ -131,7 +131,7 @@ def translate_volume(method: TranslationMethod, config: ExperimentConfig, source
     inferer = method.make_inferer(config.inference, data)
     synthetic = method.infer(array, inferer, device=device, precision=precision or resolve_inference_precision(
         config.inference.precision, device or torch.device("cpu")), seed=config.inference.seed,
-        channels_last=config.inference.channels_last)
+        channels_last=config.inference.channels_last, compile=config.inference.compile)
     result = preprocessor.invert(synthetic, record, scaling=prediction_scaling(data.target_kind))
     return Volume(result.array, source.spacing, source.origin, source.direction)
 
@@ -197,7 +197,8 @@ def _check_out_dir(out_dir: Path, inputs: list[PredictionInput], names: dict[str
 def predict(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, *, device: str = "auto",
             overlap: float | None = None, sw_batch_size: int | None = None, precision: str | None = None,
             subjects: list[str] | None = None, seed: int | None = None, steps: int | None = None,
-            shard: tuple[int, int] | None = None, overwrite: bool = False, progress: bool = True) -> list[Path]:
+            shard: tuple[int, int] | None = None, overwrite: bool = False, progress: bool = True,
+            compile_network: bool | None = None) -> list[Path]:
     """Translate every input of this shard into ``out_dir``; returns the written volume paths.
 
     Args:
@@ -207,19 +208,23 @@ def predict(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, *, 
         overlap / sw_batch_size / precision / seed / steps: inference overrides of the saved config.
         shard: ``(k, n)``: translate only subjects ``i`` with ``i % n == k`` (default: torchrun's rank/world).
         overwrite: replace existing predictions of the same names in ``out_dir``.
+        compile_network: override ``inference.compile`` (torch.compile with frozen weights).
     """
     torch_device = resolve_device(device)  # a missing GPU fails before any work
     if torch_device.type == "cuda" and torch_device.index is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per torchrun rank
     method, config, state = load_method(checkpoint, device=torch_device)
     changes: dict[str, Any] = {k: v for k, v in (("overlap", overlap), ("sw_batch_size", sw_batch_size),
-                                                   ("precision", precision), ("seed", seed), ("steps", steps))
+                                                   ("precision", precision), ("seed", seed), ("steps", steps),
+                                                   ("compile", compile_network))
                                if v is not None}
     config = dataclasses.replace(config, inference=dataclasses.replace(config.inference, **changes))
     from volsynth.config import validate
 
     validate(config)
     method.make_inferer(config.inference, config.data)  # refuses options the method cannot take (e.g. --steps)
+    if config.inference.compile:
+        method.compiled_translate()  # refuses stochastic methods before any work (compiling itself is lazy)
     items = collect_inputs(inputs, modality=config.data.source or "", subjects=subjects)
     target = config.data.target or "target"
     out_dir = Path(out_dir)
