@@ -190,8 +190,8 @@ class InferenceConfig:
     use_ema: bool = True  # translate with the averaged weights when the checkpoint has them
     # 3D windows in channels-last memory: the same values (within float rounding), faster 3D convs on CPUs.
     channels_last: bool = True
-    # torch.compile (inductor, frozen weights): 2–4× faster windows for a one-off compile of a minute or two, and a
-    # C++ compiler on the machine; pays off from volumes of ~100³ up. Deterministic methods only.
+    # torch.compile (inductor, frozen weights): a one-off compile of 1–3 min and a C++ compiler, then the same
+    # outputs; 1.08× per paper-size volume on a 2-core AVX2 CPU (benchmarks/RESULTS.md). Deterministic methods only.
     compile: bool = False
 
 

@@ -270,11 +270,13 @@ class TranslationMethod(nn.Module, ABC):
     def compiled_translate(self) -> Callable[[Tensor, list[torch.Generator] | None], Tensor]:
         """:meth:`translate` compiled by inductor with its weights frozen into the graph (built once per method).
 
-        Why: on CPUs inductor fuses the many small element-wise ops of these generators and pre-packs conv weights
-        for oneDNN; the paper generator's windows run 2–4× faster (``benchmarks/inference.py``) for a one-off
-        compile of a minute or two per window shape. Frozen weights are constants: the method must not be trained
-        afterwards. Every call gets the first call's batch size (a short last batch is padded by repeating its
-        last item) so that a sliding window compiles once. Stochastic samplers are not compiled.
+        Why: inductor fuses the many small element-wise ops of these generators and pre-packs conv weights for
+        oneDNN, for a one-off compile of 1–3 min per window shape. Measured on a 2-core AVX2 CPU
+        (``benchmarks/inference.py``): 1.08× per paper-size volume (conv-bound at 96³ windows), 1.7× on
+        single 48³ windows (one thread), where eager dispatch weighs more. Frozen weights are constants: the
+        method must not be trained afterwards. Every call gets the first call's batch size (a short last batch is
+        padded by repeating its last item) so that a sliding window compiles once. Stochastic samplers are not
+        compiled.
         """
         if self.stochastic:
             raise ConfigError(f"inference.compile (--compile): method '{self.config.name}' samples stochastically; "
