@@ -351,7 +351,8 @@ def to_dict(config: Any) -> Any:
 # Range checks (after types): a bad value fails at load time with its dotted path, before any work starts.
 
 
-def _require(condition: bool, path: str, requirement: str, value: Any) -> None:
+def require(condition: bool, path: str, requirement: str, value: Any) -> None:
+    """Raise ConfigError "<path> must be <requirement>, got <value>" unless ``condition``."""
     if not condition:
         raise ConfigError(f"{path} must be {requirement}, got {value!r}")
 
@@ -360,45 +361,45 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     """Check numeric ranges and combinations that types cannot express; returns ``config``."""
     train, data, sampling, inference = config.train, config.data, config.data.sampling, config.inference
     for key in ("iterations", "checkpoint_every", "val_every", "log_every"):
-        _require(getattr(train, key) >= 1, f"train.{key}", ">= 1", getattr(train, key))
-    _require(train.lr > 0, "train.lr", "> 0", train.lr)
-    _require(train.max_seconds is None or train.max_seconds > 0, "train.max_seconds", "> 0 or null",
+        require(getattr(train, key) >= 1, f"train.{key}", ">= 1", getattr(train, key))
+    require(train.lr > 0, "train.lr", "> 0", train.lr)
+    require(train.max_seconds is None or train.max_seconds > 0, "train.max_seconds", "> 0 or null",
              train.max_seconds)
-    _require(train.weight_decay >= 0, "train.weight_decay", ">= 0", train.weight_decay)
-    _require(all(0 <= b < 1 for b in train.betas), "train.betas", "in [0, 1)", list(train.betas))
-    _require(train.grad_clip is None or train.grad_clip > 0, "train.grad_clip", "> 0 or null", train.grad_clip)
-    _require(train.threads is None or train.threads >= 1, "train.threads", ">= 1 or null", train.threads)
-    _require(train.schedule.warmup >= 0, "train.schedule.warmup", ">= 0", train.schedule.warmup)
-    _require(train.schedule.gamma > 0, "train.schedule.gamma", "> 0", train.schedule.gamma)
-    _require(train.distributed_timeout > 0, "train.distributed_timeout", "> 0", train.distributed_timeout)
+    require(train.weight_decay >= 0, "train.weight_decay", ">= 0", train.weight_decay)
+    require(all(0 <= b < 1 for b in train.betas), "train.betas", "in [0, 1)", list(train.betas))
+    require(train.grad_clip is None or train.grad_clip > 0, "train.grad_clip", "> 0 or null", train.grad_clip)
+    require(train.threads is None or train.threads >= 1, "train.threads", ">= 1 or null", train.threads)
+    require(train.schedule.warmup >= 0, "train.schedule.warmup", ">= 0", train.schedule.warmup)
+    require(train.schedule.gamma > 0, "train.schedule.gamma", "> 0", train.schedule.gamma)
+    require(train.distributed_timeout > 0, "train.distributed_timeout", "> 0", train.distributed_timeout)
     decay = train.ema.decay
-    _require(decay is None or 0 < decay < 1, "train.ema.decay", "in (0, 1) or null", decay)
-    _require(train.ema.start >= 0, "train.ema.start", ">= 0", train.ema.start)
-    _require(all(p >= 1 for p in sampling.patch_size), "data.sampling.patch_size", "positive",
+    require(decay is None or 0 < decay < 1, "train.ema.decay", "in (0, 1) or null", decay)
+    require(train.ema.start >= 0, "train.ema.start", ">= 0", train.ema.start)
+    require(all(p >= 1 for p in sampling.patch_size), "data.sampling.patch_size", "positive",
              list(sampling.patch_size))
-    _require(all(p >= 1 for p in sampling.in_plane), "data.sampling.in_plane", "positive", list(sampling.in_plane))
-    _require(sampling.depth == "all" or sampling.depth >= 1, "data.sampling.depth", ">= 1 or 'all'", sampling.depth)
-    _require(sampling.per_step >= 1, "data.sampling.per_step", ">= 1", sampling.per_step)
-    _require(0 <= sampling.foreground_probability <= 1, "data.sampling.foreground_probability", "in [0, 1]",
+    require(all(p >= 1 for p in sampling.in_plane), "data.sampling.in_plane", "positive", list(sampling.in_plane))
+    require(sampling.depth == "all" or sampling.depth >= 1, "data.sampling.depth", ">= 1 or 'all'", sampling.depth)
+    require(sampling.per_step >= 1, "data.sampling.per_step", ">= 1", sampling.per_step)
+    require(0 <= sampling.foreground_probability <= 1, "data.sampling.foreground_probability", "in [0, 1]",
              sampling.foreground_probability)
-    _require(data.spacing is None or (len(data.spacing) == 3 and all(s > 0 for s in data.spacing)),
+    require(data.spacing is None or (len(data.spacing) == 3 and all(s > 0 for s in data.spacing)),
              "data.spacing", "three positive numbers (mm) or null", data.spacing)
-    _require(data.percentiles[0] < data.percentiles[1] and 0 <= data.percentiles[0] and data.percentiles[1] <= 100,
+    require(data.percentiles[0] < data.percentiles[1] and 0 <= data.percentiles[0] and data.percentiles[1] <= 100,
              "data.percentiles", "an increasing pair in [0, 100]", list(data.percentiles))
     if data.orientation is not None:
         from_orientation_codes(data.orientation, "data.orientation")
     split = data.split
-    _require(split.folds >= 2 or split.mode in ("random", "manifest", "auto"), "data.split.folds", ">= 2",
+    require(split.folds >= 2 or split.mode in ("random", "manifest", "auto"), "data.split.folds", ">= 2",
              split.folds)
-    _require(0 <= split.fold < max(split.folds, 1), "data.split.fold", f"in [0, {split.folds - 1}]", split.fold)
-    _require(0 <= split.val_fraction < 1, "data.split.val_fraction", "in [0, 1)", split.val_fraction)
-    _require(0 <= split.test_fraction < 1, "data.split.test_fraction", "in [0, 1)", split.test_fraction)
-    _require(inference.roi_size is None or all(r >= 1 for r in inference.roi_size), "inference.roi_size",
+    require(0 <= split.fold < max(split.folds, 1), "data.split.fold", f"in [0, {split.folds - 1}]", split.fold)
+    require(0 <= split.val_fraction < 1, "data.split.val_fraction", "in [0, 1)", split.val_fraction)
+    require(0 <= split.test_fraction < 1, "data.split.test_fraction", "in [0, 1)", split.test_fraction)
+    require(inference.roi_size is None or all(r >= 1 for r in inference.roi_size), "inference.roi_size",
              "positive or null", inference.roi_size)
-    _require(0 <= inference.overlap < 1, "inference.overlap", "in [0, 1)", inference.overlap)
-    _require(inference.sigma_scale > 0, "inference.sigma_scale", "> 0", inference.sigma_scale)
-    _require(inference.sw_batch_size >= 1, "inference.sw_batch_size", ">= 1", inference.sw_batch_size)
-    _require(inference.steps is None or inference.steps >= 1, "inference.steps", ">= 1 or null", inference.steps)
+    require(0 <= inference.overlap < 1, "inference.overlap", "in [0, 1)", inference.overlap)
+    require(inference.sigma_scale > 0, "inference.sigma_scale", "> 0", inference.sigma_scale)
+    require(inference.sw_batch_size >= 1, "inference.sw_batch_size", ">= 1", inference.sw_batch_size)
+    require(inference.steps is None or inference.steps >= 1, "inference.steps", ">= 1 or null", inference.steps)
     return config
 
 

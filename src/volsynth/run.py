@@ -118,3 +118,13 @@ class RunFolder:
 
         path = self.final().config
         return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def resolve_manifest(run: Path, name: str | None) -> Path | None:
+    """The manifest a run's ``data.manifest`` names: absolute, or relative to the run, the working folder or the
+    run's parent (where ``volsynth train`` was started); None when unset or not found."""
+    if not name:
+        return None
+    path = Path(str(name))
+    candidates = [path] if path.is_absolute() else [run / path, Path.cwd() / path, run.parent / path]
+    return next((c.resolve() for c in candidates if c.is_file()), None)

@@ -47,6 +47,7 @@ from monai.networks.utils import eval_mode
 from torch import Tensor, nn
 
 from volsynth.config import DataConfig, InferenceConfig, MethodConfig, TrainConfig
+from volsynth.config import require as check
 from volsynth.errors import ConfigError
 from volsynth.inferers import Inferer, SlabInferer
 from volsynth.losses.contrastive import ggd_loss, pgd_loss, sgd_loss
@@ -379,8 +380,7 @@ def _check_config(config: HiFiSynConfig) -> None:
     """Ranges the dataclass types cannot express (ConfigError names the option)."""
 
     def require(ok: bool, key: str, what: str, value: object) -> None:
-        if not ok:
-            raise ConfigError(f"method.{key} must be {what}, got {value!r}")
+        check(ok, f"method.{key}", what, value)
 
     for key in ("base_channels", "attribute_channels", "discriminator_channels", "content_discriminator_iterations",
                 "discriminator_strided_layers"):

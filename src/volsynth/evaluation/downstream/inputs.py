@@ -23,7 +23,7 @@ from volsynth.data.manifest import load_manifest
 from volsynth.data.volume import Volume
 from volsynth.errors import DataError, InputNotFoundError
 from volsynth.metrics import minmax_unit
-from volsynth.run import RunFolder
+from volsynth.run import RunFolder, resolve_manifest
 
 VolumeInput = str | os.PathLike[str] | np.ndarray | Volume
 """A volume as a file path, a :class:`~volsynth.data.volume.Volume`, or an ``(x, y, z)`` array (1 mm, identity)."""
@@ -86,15 +86,6 @@ class RunInputs:
     real_other: dict[str, Path] = field(default_factory=dict)  # real target of the non-test subjects
     test_subjects: list[str] = field(default_factory=list)
     other_subjects: list[str] = field(default_factory=list)
-
-
-def resolve_manifest(run: Path, name: str | None) -> Path | None:
-    """The manifest ``data.manifest`` names: absolute, or relative to the run, the working folder or the run's
-    parent (where ``volsynth train`` was started)."""
-    if not name:
-        return None
-    candidates = [Path(name)] if Path(name).is_absolute() else [run / name, Path.cwd() / name, run.parent / name]
-    return next((c.resolve() for c in candidates if c.is_file()), None)
 
 
 def _index_outputs(index: Path) -> dict[str, str]:

@@ -395,13 +395,3 @@ def assign_labels(runs: Sequence[RunData]) -> None:
             label, k = f"{base} #{k}", k + 1
         used.add(label)
         run.label = label
-
-
-def resolve_manifest(run: RunData) -> Path | None:
-    """The manifest named by ``data.manifest`` (absolute, or relative to the run, its parent or the CWD)."""
-    name = run.data.get("manifest")
-    if not name:
-        return None
-    path = Path(str(name))
-    candidates = [path] if path.is_absolute() else [run.path / path, run.path.parent / path, Path.cwd() / path]
-    return next((c.resolve() for c in candidates if c.is_file()), None)

@@ -231,13 +231,13 @@ def collect_triplanar(runs: Sequence[Any], out_dir: Path, subjects_to_show: int,
     from volsynth.data.io import read_volume
     from volsynth.data.manifest import load_manifest
     from volsynth.evaluation.report.figures import slug
-    from volsynth.evaluation.report.load import resolve_manifest
+    from volsynth.run import resolve_manifest
     from volsynth.utils import inside
 
     if subjects_to_show <= 0:
         return []
     base = next((r for r in runs if r.config), None)
-    manifest_file = resolve_manifest(base) if base is not None else None
+    manifest_file = resolve_manifest(base.path, base.data.get("manifest")) if base is not None else None
     if base is None or manifest_file is None:
         notes.append("Tri-planar figures left out: no run names a readable manifest (config.yaml data.manifest).")
         return []
