@@ -9,7 +9,7 @@ from volsynth.config import DataConfig, SamplingConfig
 from volsynth.data.cache import PreparedSubject, prepare_subject
 from volsynth.data.manifest import load_manifest
 from volsynth.data.preprocess import Preprocessor
-from volsynth.data.sampling import PatchSampler, SlabSampler, centred_start, window
+from volsynth.data.sampling import PatchSampler, SlabSampler, centred_start, label_centres, window
 from volsynth.errors import DataError
 
 
@@ -140,3 +140,43 @@ def test_missing_tissue_maps_are_refused_or_segmented(cohort: Path, tmp_path: Pa
     source = np.asarray(made.source)
     means = [source[labels == k].mean() for k in (1, 2, 3)]
     assert means[0] < means[1] < means[2]
+
+
+def test_label_centres_list_each_class_above_zero() -> None:
+    label = np.array([[[0, 2], [5, 2]], [[0, 0], [2, 5]]], dtype=np.int16)
+    centres = label_centres(label)
+    assert [c.tolist() for c in centres] == [[1, 3, 6], [2, 7]]  # class 2, then class 5 (flat C order)
+    assert label_centres(None) == []
+
+
+def test_class_balanced_patches_see_a_rare_class_as_often_as_a_common_one() -> None:
+    """nnU-Net's oversampling: with class_probability 1, each present class centres a third of the patches,
+    although class 3 holds 1 voxel of 512; with 0 the class never decides (foreground draws as before)."""
+    shape = (8, 8, 8)
+    label = np.ones(shape, dtype=np.int16)
+    label[:, :, 4:] = 2
+    label[6, 6, 6] = 3  # a one-voxel "lesion"
+    code = np.arange(np.prod(shape), dtype=np.float64).reshape(shape) + 1
+    subject = PreparedSubject("s", code, code + 0.5, label, None, None,  # type: ignore[arg-type]
+                              {"pair": np.arange(code.size)})
+    sampler = PatchSampler([subject], (1, 1, 1), per_step=3000, class_probability=1.0)
+    centres = sampler.sample(np.random.default_rng(0))["source_label"].ravel()
+    counts = np.bincount(centres, minlength=4)[1:] / centres.size
+    assert counts == pytest.approx([1 / 3] * 3, abs=0.03)
+    plain = PatchSampler([subject], (1, 1, 1), per_step=3000, class_probability=0.0)
+    reference = PatchSampler([subject], (1, 1, 1), per_step=3000)
+    drawn = plain.sample(np.random.default_rng(0))["source"]
+    np.testing.assert_array_equal(drawn, reference.sample(np.random.default_rng(0))["source"])
+    assert (plain.sample(np.random.default_rng(1))["source_label"] == 3).mean() < 0.01
+
+
+def test_class_probability_needs_a_label_map_and_patches() -> None:
+    from volsynth.errors import ConfigError
+    from volsynth.experiment import load_config
+
+    with pytest.raises(ConfigError, match=r"data\.sampling\.class_probability must be 0 unless"):
+        load_config("regression_unet-cpu", ["data.sampling.class_probability=0.3"])
+    with pytest.raises(ConfigError, match=r"class_probability must be in \[0, 1\]"):
+        load_config("regression_unet-cpu", ["data.sampling.labels=tissue", "data.sampling.class_probability=2"])
+    config = load_config("regression_unet-cpu", ["data.sampling.labels=tissue", "data.sampling.class_probability=0.3"])
+    assert config.data.sampling.class_probability == 0.3

@@ -92,6 +92,9 @@ class SamplingConfig:
     # Item centres are drawn where source > t and target > t (after scaling), as the paper does.
     foreground_threshold: float = 0.1
     foreground_probability: float = 1.0  # chance an item is centred on foreground (the paper: always)
+    # patch: chance an item is centred on a voxel of one class of the `labels` map, the class drawn uniformly among
+    # those in the subject (nnU-Net's oversampling; rare structures such as lesions are seen as often as big ones).
+    class_probability: float = 0.0
     labels: str | None = None  # a manifest label map that travels with the batch on both sides: label | tissue
     # A subject without that map: "error" (refuse, naming it) or "segment" (tissue maps from the built-in GMM
     # segmenter on the source image within the subject's mask; CSF/GM/WM Dice 0.6–0.75 on the phantom).
@@ -382,6 +385,11 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     require(sampling.per_step >= 1, "data.sampling.per_step", ">= 1", sampling.per_step)
     require(0 <= sampling.foreground_probability <= 1, "data.sampling.foreground_probability", "in [0, 1]",
              sampling.foreground_probability)
+    require(0 <= sampling.class_probability <= 1, "data.sampling.class_probability", "in [0, 1]",
+            sampling.class_probability)
+    require(sampling.class_probability == 0 or (sampling.labels is not None and sampling.kind == "patch"),
+            "data.sampling.class_probability", "0 unless data.sampling.labels names a label map and kind is patch",
+            sampling.class_probability)
     require(data.spacing is None or (len(data.spacing) == 3 and all(s > 0 for s in data.spacing)),
              "data.spacing", "three positive numbers (mm) or null", data.spacing)
     require(data.percentiles[0] < data.percentiles[1] and 0 <= data.percentiles[0] and data.percentiles[1] <= 100,

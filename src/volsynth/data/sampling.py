@@ -63,9 +63,27 @@ class HasCentres(Protocol):
     centres: dict[str, np.ndarray]
 
 
-def random_centre(subject: HasCentres, key: str, rng: np.random.Generator, foreground_probability: float
-                  ) -> tuple[int, int, int]:
-    """A voxel of the subject's ``key`` foreground with probability ``foreground_probability``, else uniform."""
+def label_centres(label: np.ndarray | None) -> list[np.ndarray]:
+    """Flat indices of each label value above 0 present in ``label`` (ascending values); [] without a map."""
+    if label is None:
+        return []
+    flat = np.asarray(label).ravel()
+    return [np.flatnonzero(flat == value) for value in np.unique(flat) if value > 0]
+
+
+def random_centre(subject: HasCentres, key: str, rng: np.random.Generator, foreground_probability: float,
+                  class_probability: float = 0.0, classes: Sequence[np.ndarray] = ()) -> tuple[int, int, int]:
+    """An item centre for ``subject``, drawn in this order of chances:
+
+    * ``class_probability``: a voxel of one label class, the class drawn uniformly among ``classes`` (nnU-Net's
+      class-balanced oversampling: small structures such as lesions are seen as often as large ones);
+    * ``foreground_probability``: a voxel of the subject's ``key`` foreground;
+    * otherwise any voxel.
+    """
+    if class_probability > 0 and classes and rng.random() < class_probability:
+        members = classes[int(rng.integers(len(classes)))]
+        index = np.unravel_index(int(members[rng.integers(len(members))]), subject.shape)
+        return int(index[0]), int(index[1]), int(index[2])
     centres = subject.centres.get(key)
     if centres is not None and len(centres) and rng.random() < foreground_probability:
         index = np.unravel_index(int(centres[rng.integers(len(centres))]), subject.shape)
@@ -94,13 +112,17 @@ class PatchSampler:
     """Aligned 3D patches from one subject per step (paired), or from two subjects (unpaired)."""
 
     def __init__(self, subjects: Sequence[PreparedSubject], patch_size: Sequence[int], *, per_step: int = 3,
-                 foreground_probability: float = 1.0, paired: bool = True, threshold: float = 0.1) -> None:
+                 foreground_probability: float = 1.0, class_probability: float = 0.0, paired: bool = True,
+                 threshold: float = 0.1) -> None:
         if not subjects:
             raise DataError("no training subjects to sample patches from")
         self.subjects = list(subjects)
         self.patch_size = tuple(int(p) for p in patch_size)
         self.per_step = per_step
         self.foreground_probability = foreground_probability
+        self.class_probability = class_probability
+        # Per subject, the voxels of each label class (built on first use: only class-balanced sampling needs it).
+        self._classes: dict[str, list[np.ndarray]] = {}
         self.paired = paired
         self.threshold = threshold
         self.targets = _target_subjects(self.subjects, paired)
@@ -111,11 +133,19 @@ class PatchSampler:
 
     def _starts(self, subject: PreparedSubject, key: str, rng: np.random.Generator) -> list[tuple[int, ...]]:
         starts = []
+        classes = self._label_classes(subject)
         for _ in range(self.per_step):
-            centre = random_centre(subject, key, rng, self.foreground_probability)
+            centre = random_centre(subject, key, rng, self.foreground_probability, self.class_probability, classes)
             starts.append(tuple(centred_start(c, p, n) for c, p, n in zip(centre, self.patch_size, subject.shape,
                                                                             strict=True)))
         return starts
+
+    def _label_classes(self, subject: PreparedSubject) -> list[np.ndarray]:
+        if self.class_probability <= 0:
+            return []
+        if subject.subject not in self._classes:
+            self._classes[subject.subject] = label_centres(subject.label)
+        return self._classes[subject.subject]
 
     def _crop(self, array: np.ndarray | None, starts: list[tuple[int, ...]], dtype: type = np.float32
               ) -> np.ndarray | None:
@@ -216,7 +246,8 @@ def build_sampler(sampling: SamplingConfig, subjects: Sequence[PreparedSubject],
     """The sampler ``data.sampling`` describes, over prepared training subjects."""
     if sampling.kind == "patch":
         return PatchSampler(subjects, sampling.patch_size, per_step=sampling.per_step,
-                            foreground_probability=sampling.foreground_probability, paired=paired,
+                            foreground_probability=sampling.foreground_probability,
+                            class_probability=sampling.class_probability, paired=paired,
                             threshold=sampling.foreground_threshold)
     if sampling.kind == "slab":
         return SlabSampler(subjects, axis=sampling.axis, depth=sampling.depth, in_plane=sampling.in_plane,
