@@ -106,19 +106,27 @@ class ConvFlopCounter:
 CALIBRATION_REFERENCE = {"fp32": 427.0, "bf16": 888.0}
 
 
-def calibrate(precision: str, repeats: int = 3) -> float:
-    """GFLOP/s of the probe layer now (median of ``repeats`` after one warm-up call); about 0.2-1 s."""
-    layer = nn.Conv3d(64, 64, 3, padding=1)
-    x = torch.rand(1, 64, 32, 32, 32)
-    flops = 2.0 * 27 * 64 * 64 * 32**3
-    times = []
+def _conv3d_rates(channels: int, size: int, batch: int, precision: str, repeats: int, *,
+                  channels_last: bool = False) -> list[float]:
+    """GFLOP/s of ``repeats`` forward calls (after one warm-up) of a 3×3×3 Conv3d ``channels``→``channels`` at
+    ``size``³ and ``batch``."""
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+    layer = nn.Conv3d(channels, channels, 3, padding=1).to(memory_format=memory_format)
+    x = torch.rand(batch, channels, size, size, size).contiguous(memory_format=memory_format)
+    flops = 2.0 * 27 * channels * channels * batch * size**3
+    rates = []
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         layer(x)
         for _ in range(repeats):
             start = time.perf_counter()
             layer(x)
-            times.append(time.perf_counter() - start)
-    return flops / median(times) / 1e9
+            rates.append(flops / (time.perf_counter() - start) / 1e9)
+    return rates
+
+
+def calibrate(precision: str, repeats: int = 3) -> float:
+    """GFLOP/s of the probe layer now (median of ``repeats`` after one warm-up call); about 0.2-1 s."""
+    return median(_conv3d_rates(64, 32, 1, precision, repeats))
 
 
 def measure_ceiling(precision: str, repeats: int = 3) -> float:
@@ -128,18 +136,8 @@ def measure_ceiling(precision: str, repeats: int = 3) -> float:
     Why measured and not a constant: the development notes (perf-cpu.md) give ~500 GFLOP/s fp32 for an AVX-512
     machine, while an AVX2-only machine of the same kind reaches ~140. A fraction of the wrong ceiling misleads.
     """
-    best = 0.0
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        for channels, size in ((32, 48), (64, 32), (128, 16)):
-            layer = nn.Conv3d(channels, channels, 3, padding=1).to(memory_format=torch.channels_last_3d)
-            x = torch.rand(2, channels, size, size, size).to(memory_format=torch.channels_last_3d)
-            flops = 2.0 * 27 * channels * channels * 2 * size**3
-            layer(x)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                layer(x)
-                best = max(best, flops / (time.perf_counter() - start) / 1e9)
-    return best
+    return max(max(_conv3d_rates(channels, size, 2, precision, repeats, channels_last=True))
+               for channels, size in ((32, 48), (64, 32), (128, 16)))
 
 
 def peak_rss_mib() -> float:

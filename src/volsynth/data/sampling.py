@@ -80,15 +80,17 @@ def random_centre(subject: HasCentres, key: str, rng: np.random.Generator, foreg
     * ``foreground_probability``: a voxel of the subject's ``key`` foreground;
     * otherwise any voxel.
     """
+    pool = None  # flat voxel indices to draw the centre from
     if class_probability > 0 and classes and rng.random() < class_probability:
-        members = classes[int(rng.integers(len(classes)))]
-        index = np.unravel_index(int(members[rng.integers(len(members))]), subject.shape)
-        return int(index[0]), int(index[1]), int(index[2])
-    centres = subject.centres.get(key)
-    if centres is not None and len(centres) and rng.random() < foreground_probability:
-        index = np.unravel_index(int(centres[rng.integers(len(centres))]), subject.shape)
-        return int(index[0]), int(index[1]), int(index[2])
-    return tuple(int(rng.integers(n)) for n in subject.shape)  # type: ignore[return-value]
+        pool = classes[int(rng.integers(len(classes)))]
+    else:
+        centres = subject.centres.get(key)
+        if centres is not None and len(centres) and rng.random() < foreground_probability:
+            pool = centres
+    if pool is None:
+        return tuple(int(rng.integers(n)) for n in subject.shape)  # type: ignore[return-value]
+    index = np.unravel_index(int(pool[rng.integers(len(pool))]), subject.shape)
+    return int(index[0]), int(index[1]), int(index[2])
 
 
 def _target_subjects(subjects: list[PreparedSubject], paired: bool) -> list[PreparedSubject]:
