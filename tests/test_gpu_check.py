@@ -158,3 +158,9 @@ def test_cpu_smoke_runs_every_method_without_image_libraries(tmp_path: Path) -> 
     assert scores["identity_ssim"] == pytest.approx(structural_similarity(target, source, data_range=1.0), abs=1e-5)
     assert scores["identity_psnr"] == pytest.approx(peak_signal_noise_ratio(target, source, data_range=1.0),
                                                     abs=1e-4)
+
+    # The precision check reruns the same trained network on that subject: its fp32 run is the scored one.
+    check = training["precision_check"]
+    assert check["subject"] == "Phantom_00000" and check["reference"] == training["evaluation_precision"] == "fp32"
+    assert check["fp32"]["max_abs"] == 0.0 and check["fp32"]["psnr"] == pytest.approx(scores["psnr"], abs=1e-9)
+    assert check["reference_std"] > 0  # a trained output, not the random net's clipped constant

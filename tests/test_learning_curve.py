@@ -1,0 +1,55 @@
+"""benchmarks/learning_curve.py: the curve is one resumed run, scored on the held-out subjects as read from disk."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("learning_curve", ROOT / "benchmarks" / "learning_curve.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_curve_resumes_one_run_and_scores_the_test_subject(tmp_path: Path) -> None:
+    from volsynth.data.phantom import make_phantom_cohort
+    from volsynth.experiment import load_checkpoint
+
+    manifest = make_phantom_cohort(tmp_path / "phantom", 2, seed=3, spacing=4.0, contrasts=("t1", "t2"),
+                                   montage=False)
+    raw = json.loads(manifest.read_text())
+    for entry, split in zip(raw["subjects"], ["train", "test"], strict=True):
+        entry["split"] = split
+    manifest.write_text(json.dumps(raw))
+    script = load_script()
+    run, out = tmp_path / "run", tmp_path / "curve.json"
+    argv = ["--manifest", str(manifest), "--method", "hifisyn", "--chunk", "1", "--iterations", "2", "--device",
+            "cpu", "--run", str(run), "--out", str(out)]
+    assert script.main(argv) == 0
+    curve = json.loads(out.read_text())
+    assert [p["iterations"] for p in curve["points"]] == [1, 2] and curve["test_subjects"] == 1
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["iteration"] == 2  # one run, resumed
+
+    # Predict-the-mean, recomputed from the files: min-max scaled T2, its mean inside the tissue map's brain.
+    test = raw["subjects"][1]
+    target = np.asarray(nib.load(manifest.parent / test["images"]["t2"]).dataobj, dtype=np.float64)
+    brain = np.asarray(nib.load(manifest.parent / test["tissue"]).dataobj) > 0
+    target = (target - target.min()) / (target.max() - target.min())
+    expected = np.abs(target[brain] - target[brain].mean()).mean()
+    assert curve["predict_the_mean_brain_l1"] == pytest.approx(expected, rel=1e-3)  # float32 sums
+    last = curve["points"][-1]
+    assert 0 < last["brain_l1"] < 1 and 0 <= last["tissue_dice"] <= 1
+
+    assert script.main(argv) == 2  # the run folder exists now: never trained into twice
