@@ -1,4 +1,4 @@
-"""Learning curve on a phantom: held-out brain L1 and tissue Dice against iterations, next to predict-the-mean.
+"""Learning curve on a phantom: held-out brain L1, PSNR, SSIM, correlation and tissue Dice, next to predict-the-mean.
 
     python benchmarks/learning_curve.py --manifest M --method hifisyn --seconds 300 --chunk 500 --out curve.json
     python benchmarks/learning_curve.py --manifest M --method cyclegan3d --device cuda --set train.lr=2e-4 ...
@@ -57,13 +57,24 @@ def score(run: Path, subjects: list[dict[str, np.ndarray]], target: str, device:
     from volsynth.experiment import load_method
 
     method, config, _ = load_method(run / "checkpoints" / "last.pt", device=device)
-    l1, dice = [], []
+    rows = []
     for subject in subjects:
         synthetic = method.infer(subject["source"], method.make_inferer(config.inference, config.data))
-        brain = subject["tissue"] > 0
-        l1.append(float(np.abs(synthetic - subject["target"])[brain].mean()))
-        dice.append(tissue_dice(synthetic, subject["target"], brain, target))
-    return {"brain_l1": float(np.mean(l1)), "tissue_dice": float(np.mean(dice))}
+        rows.append({**brain_scores(synthetic, subject["target"], subject["tissue"] > 0),
+                     "tissue_dice": tissue_dice(synthetic, subject["target"], subject["tissue"] > 0, target)})
+    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
+
+
+def brain_scores(synthetic: np.ndarray, target: np.ndarray, brain: np.ndarray) -> dict[str, float]:
+    """Inside ``brain``: L1 and PSNR (intensity, data range 1), SSIM (structure) and Pearson correlation; the
+    correlation is 0 for a constant prediction, so it asks only whether the anatomy's contrast was translated."""
+    from volsynth.metrics import psnr, ssim
+
+    inside, real = synthetic[brain].astype(np.float64), target[brain].astype(np.float64)
+    correlation = 0.0 if inside.std() == 0 else float(np.corrcoef(inside, real)[0, 1])
+    return {"brain_l1": float(np.abs(inside - real).mean()), "brain_psnr": psnr(synthetic, target, data_range=1.0,
+            mask=brain), "brain_ssim": ssim(synthetic, target, data_range=1.0, mask=brain),
+            "brain_correlation": correlation}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,14 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     if not subjects:
         print(f"error: {args.manifest}: no subject has split 'test'", file=sys.stderr)
         return 2
-    mean_l1 = []
+    baseline = []  # the constant that predicts each subject's mean brain intensity
     for subject in subjects:
         brain = subject["tissue"] > 0
-        mean_l1.append(float(np.abs(subject["target"][brain].mean() - subject["target"])[brain].mean()))
+        constant = np.full_like(subject["target"], subject["target"][brain].mean())
+        baseline.append(brain_scores(constant, subject["target"], brain))
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     curve: dict[str, Any] = {"method": args.method, "preset": f"{args.method}-{args.preset}", "overrides": args.set,
                              "device": device, "test_subjects": len(subjects),
-                             "predict_the_mean_brain_l1": float(np.mean(mean_l1)), "points": []}
+                             **{f"predict_the_mean_{key}": float(np.mean([row[key] for row in baseline]))
+                                for key in baseline[0]}, "points": []}
     print(json.dumps({k: v for k, v in curve.items() if k != "points"}), flush=True)
     trained = 0.0
     iteration = 0

@@ -84,3 +84,34 @@ def test_run_inferer_checks_its_input() -> None:
     out = run_inferer(SlabInferer(), lambda x, g: x * 3, np.full((2, 3, 4), 0.5, np.float32),
                       device=torch.device("cpu"))
     assert out.dtype == np.float32 and np.all(out == 1.0)  # clamped to [0, 1]
+
+
+def ramp(items: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """Not mirror-equivariant: adds 0.01 × the item's own x index (sliding-window items are the whole volume)."""
+    x = torch.arange(items.shape[2], dtype=items.dtype).view(1, 1, -1, 1, 1)
+    return items * 0.5 + 0.01 * x
+
+
+@pytest.mark.parametrize("axes", [(0,), (0, 2)])
+def test_mirroring_averages_every_flip_combination_flipped_back(axes: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(0)
+    source = rng.random((8, 6, 4), dtype=np.float32)
+    inferer = SlidingWindowInferer(roi_size=(8, 6, 4), overlap=0.0, sigma_scale=0.125, batch=1, blend="constant")
+    plain = run_inferer(inferer, ramp, source, device=torch.device("cpu"))
+    x = np.arange(8, dtype=np.float32)[:, None, None]
+    np.testing.assert_allclose(plain, np.clip(source * 0.5 + 0.01 * x, 0, 1), atol=1e-6)
+    mirrored = run_inferer(inferer, ramp, source, device=torch.device("cpu"), mirror_axes=axes)
+    # By hand: a flip along y or z leaves the ramp where it was; a flip along x reverses it. So passes that flip x
+    # (half of them when 0 is mirrored) see 0.01 × (7 − x) after flipping back: the mean ramp is 0.035 flat.
+    np.testing.assert_allclose(mirrored, np.clip(source * 0.5 + 0.035, 0, 1), atol=1e-6)
+    with pytest.raises(ValueError, match="mirror_axes"):
+        run_inferer(inferer, ramp, source, device=torch.device("cpu"), mirror_axes=(0, 0))
+
+
+def test_config_refuses_bad_mirror_axes() -> None:
+    from volsynth.errors import ConfigError
+
+    assert load_config("regression_unet-cpu", ["inference.mirror_axes=[0,1,2]"]).inference.mirror_axes == (0, 1, 2)
+    for bad in ("[0,0]", "[3]"):
+        with pytest.raises(ConfigError, match="mirror_axes"):
+            load_config("regression_unet-cpu", [f"inference.mirror_axes={bad}"])

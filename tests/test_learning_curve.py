@@ -49,7 +49,10 @@ def test_curve_resumes_one_run_and_scores_the_test_subject(tmp_path: Path) -> No
     target = (target - target.min()) / (target.max() - target.min())
     expected = np.abs(target[brain] - target[brain].mean()).mean()
     assert curve["predict_the_mean_brain_l1"] == pytest.approx(expected, rel=1e-3)  # float32 sums
+    variance = np.mean((target[brain] - target[brain].mean()) ** 2)  # the constant's MSE inside the brain
+    assert curve["predict_the_mean_brain_psnr"] == pytest.approx(10 * np.log10(1 / variance), abs=1e-2)
+    assert curve["predict_the_mean_brain_correlation"] == 0.0
     last = curve["points"][-1]
-    assert 0 < last["brain_l1"] < 1 and 0 <= last["tissue_dice"] <= 1
+    assert 0 < last["brain_l1"] < 1 and 0 <= last["tissue_dice"] <= 1 and -1 <= last["brain_correlation"] <= 1
 
     assert script.main(argv) == 2  # the run folder exists now: never trained into twice

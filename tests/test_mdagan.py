@@ -175,6 +175,38 @@ def test_train_step_updates_generator_and_discriminator() -> None:
     assert sum(v.numel() for v in state.values()) < 1_000_000
 
 
+def test_adversarial_warm_start_skips_the_discriminator_until_its_iteration() -> None:
+    config = tiny_config(adversarial=AdversarialConfig(start_iteration=3))
+    method = MDAGAN(config)
+    ctx = make_context(method)
+    for iteration, adversarial in ((1, False), (2, False), (3, True)):
+        ctx.iteration = iteration
+        generator = [p.detach().clone() for p in method.generator.parameters()]
+        critic = [p.detach().clone() for p in method.discriminator.parameters()]
+        logs = method.train_step(batch(16), ctx)
+        assert any(not torch.equal(a, b) for a, b in zip(generator, method.generator.parameters(), strict=True))
+        critic_moved = any(not torch.equal(a, b) for a, b in zip(critic, method.discriminator.parameters(),
+                                                                strict=True))
+        assert critic_moved == adversarial, iteration
+        assert (logs["adv_d"] != 0 and logs["adv_g"] != 0) == adversarial, logs
+        if not adversarial:  # the voxel loss alone
+            assert logs["total"] == pytest.approx(logs["l1"], rel=1e-6)
+    with pytest.raises(ConfigError, match="start_iteration"):
+        MDAGAN(tiny_config(adversarial=AdversarialConfig(start_iteration=-1)))
+
+
+def test_generator_spectral_norm_switch_keeps_the_parameters() -> None:
+    from torch.nn.utils import parametrize
+
+    with_sn = MDAGAN(tiny_config())
+    without = MDAGAN(tiny_config(generator=dataclasses.replace(TINY_G, spectral_norm=False)))
+    def normalised(net: nn.Module) -> int:
+        return sum(parametrize.is_parametrized(m) for m in net.modules())
+    assert normalised(with_sn.generator) > 0 and normalised(without.generator) == 0
+    assert normalised(without.discriminator) == normalised(with_sn.discriminator) > 0  # D keeps its own switch
+    assert with_sn.parameter_counts() == without.parameter_counts()
+
+
 def test_bf16_autocast_step() -> None:
     method = MDAGAN(tiny_config(perception=PerceptionConfig(weight=1.0, weights="random", slice_fraction=0.1)))
     logs = method.train_step(batch(16), make_context(method, "bf16"))

@@ -196,6 +196,9 @@ class InferenceConfig:
     # torch.compile (inductor, frozen weights): a one-off compile of 1–3 min and a C++ compiler, then the same
     # outputs; 1.08× per paper-size volume on a 2-core AVX2 CPU (benchmarks/RESULTS.md). Deterministic methods only.
     compile: bool = False
+    # Test-time mirroring (nnU-Net's default): also predict the source flipped along every subset of these axes
+    # (0, 1, 2 = the volume's x, y, z) and average; 2 ** len(axes) passes. () = off (the papers' presets).
+    mirror_axes: tuple[int, ...] = ()
 
 
 @dataclass
@@ -407,6 +410,8 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     require(0 <= inference.overlap < 1, "inference.overlap", "in [0, 1)", inference.overlap)
     require(inference.sigma_scale > 0, "inference.sigma_scale", "> 0", inference.sigma_scale)
     require(inference.sw_batch_size >= 1, "inference.sw_batch_size", ">= 1", inference.sw_batch_size)
+    require(len(set(inference.mirror_axes)) == len(inference.mirror_axes) and set(inference.mirror_axes) <= {0, 1, 2},
+            "inference.mirror_axes", "distinct axes among 0, 1, 2", inference.mirror_axes)
     require(inference.steps is None or inference.steps >= 1, "inference.steps", ">= 1 or null", inference.steps)
     return config
 

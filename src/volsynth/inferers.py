@@ -15,6 +15,7 @@ A method chooses its inferer (:meth:`volsynth.methods.base.TranslationMethod.mak
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -119,13 +120,28 @@ class SlabInferer:
 
 
 def run_inferer(inferer: Inferer, predictor: Predictor, source: np.ndarray, *, device: torch.device,
-                seed: int = 0) -> np.ndarray:
-    """Apply ``inferer`` to a preprocessed ``(X, Y, Z)`` array on [0, 1]; returns float32 ``(X, Y, Z)``."""
+                seed: int = 0, mirror_axes: Sequence[int] = ()) -> np.ndarray:
+    """Apply ``inferer`` to a preprocessed ``(X, Y, Z)`` array on [0, 1]; returns float32 ``(X, Y, Z)``.
+
+    ``mirror_axes``: test-time mirroring as nnU-Net does it: the source is also flipped along every non-empty
+    subset of these axes, each prediction flipped back, and the ``2 ** len(mirror_axes)`` predictions averaged
+    (each clipped to [0, 1] first). Every pass draws with the same ``seed``.
+    """
     if source.ndim != 3:
         raise ValueError(f"expected a 3D (X, Y, Z) array, got shape {source.shape}")
+    axes = tuple(int(a) for a in mirror_axes)
+    if len(set(axes)) != len(axes) or not set(axes) <= {0, 1, 2}:
+        raise ValueError(f"mirror_axes must be distinct axes among 0, 1, 2, got {list(mirror_axes)}")
     tensor = torch.from_numpy(np.array(source, dtype=np.float32, copy=True))[None, None].to(device)
-    output = inferer(predictor, tensor, seed=seed)
-    return output[0, 0].float().clamp(0, 1).cpu().numpy().astype(np.float32)
+    flips = [subset for size in range(len(axes) + 1) for subset in itertools.combinations(axes, size)]
+    total: torch.Tensor | None = None
+    for subset in flips:
+        dims = [2 + a for a in subset]
+        output = inferer(predictor, tensor.flip(dims) if dims else tensor, seed=seed).float().clamp(0, 1)
+        output = output.flip(dims) if dims else output
+        total = output if total is None else total + output
+    assert total is not None
+    return (total[0, 0] / len(flips)).cpu().numpy().astype(np.float32)
 
 
 def check_multiple(sizes: Sequence[int], divisor: Sequence[int], what: str) -> None:

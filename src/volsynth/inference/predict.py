@@ -131,7 +131,8 @@ def translate_volume(method: TranslationMethod, config: ExperimentConfig, source
     inferer = method.make_inferer(config.inference, data)
     synthetic = method.infer(array, inferer, device=device, precision=precision or resolve_inference_precision(
         config.inference.precision, device or torch.device("cpu")), seed=config.inference.seed,
-        channels_last=config.inference.channels_last, compile=config.inference.compile)
+        channels_last=config.inference.channels_last, compile=config.inference.compile,
+        mirror_axes=config.inference.mirror_axes)
     result = preprocessor.invert(synthetic, record, scaling=prediction_scaling(data.target_kind))
     return Volume(result.array, source.spacing, source.origin, source.direction)
 

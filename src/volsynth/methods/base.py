@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -237,14 +237,15 @@ class TranslationMethod(nn.Module, ABC):
     @torch.no_grad()
     def infer(self, source: np.ndarray, inferer: Inferer, *, device: torch.device | None = None,
               precision: str = "fp32", seed: int = 0, channels_last: bool = False,
-              compile: bool = False) -> np.ndarray:
+              compile: bool = False, mirror_axes: Sequence[int] = ()) -> np.ndarray:
         """Translate a preprocessed ``(X, Y, Z)`` array on [0, 1] with ``inferer``; float32 on [0, 1].
 
         The method runs in eval mode under ``inference_mode`` and ``precision`` autocast; its previous mode and
         memory format are restored afterwards, so validation in the middle of training changes nothing.
         ``channels_last`` runs 3D items in channels-last-3D memory (oneDNN's faster path for 3D convs on CPUs).
         ``compile`` runs :meth:`translate` through ``torch.compile`` with frozen weights (see
-        :meth:`compiled_translate`); for inference only, never in the middle of training.
+        :meth:`compiled_translate`); for inference only, never in the middle of training. ``mirror_axes``:
+        test-time mirroring, the mean over flips along every subset of these volume axes (see ``run_inferer``).
         """
         device = device or next(self.parameters()).device
         was_training = self.training
@@ -261,7 +262,7 @@ class TranslationMethod(nn.Module, ABC):
             set_3d_memory_format(self, torch.channels_last_3d)
         try:
             with torch.inference_mode():
-                return run_inferer(inferer, predictor, source, device=device, seed=seed)
+                return run_inferer(inferer, predictor, source, device=device, seed=seed, mirror_axes=mirror_axes)
         finally:
             if channels_last:
                 set_3d_memory_format(self, torch.contiguous_format)

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from volsynth.nets.blocks import CBAM, RRDB, check_divisible, conv, make_pyramid, resize, scaled_size, sn_conv
+from volsynth.nets.blocks import CBAM, RRDB, check_divisible, conv, make_pyramid, resize, scaled_size
 
 OutputActivation = Literal["none", "clip", "sigmoid"]
 
@@ -58,6 +58,7 @@ class MDAUNet(nn.Module):
         output_activation: ``none`` (linear heads, the default; see below), ``clip`` (hard clamp to [0, 1],
             the release applies this before every loss) or ``sigmoid``.
         negative_slope: LeakyReLU slope (0.2).
+        spectral_norm: spectral normalisation on the feature and decoder convs, as the release (default on).
 
     Deliberate deviation from the release (its trainer and README): the release clamps every level to
     [0, 1] *before* the losses; if the freshly initialised linear output is <= 0 everywhere, the clamp zeroes all
@@ -71,7 +72,8 @@ class MDAUNet(nn.Module):
                  convs_per_rdb: int = 5, residual_scale: float = 0.2, cbam_reductions: Sequence[int] = (8, 4, 2),
                  multires_input: bool = True, multires_output: bool = True, downsample: str = "nearest",
                  upsample: str = "nearest", input_pyramid: str = "linear",
-                 output_activation: OutputActivation = "none", negative_slope: float = 0.2) -> None:
+                 output_activation: OutputActivation = "none", negative_slope: float = 0.2,
+                 spectral_norm: bool = True) -> None:
         super().__init__()
         if len(growth_rates) != LEVELS:
             raise ValueError(f"growth_rates needs {LEVELS} values (one per level), got {list(growth_rates)}")
@@ -93,9 +95,10 @@ class MDAUNet(nn.Module):
         def act() -> nn.Module:
             return nn.LeakyReLU(negative_slope)
 
-        # Feature convs (SN, as the release): level 0 always, levels 1..3 only with multi-resolution input.
+        # Feature convs (SN unless spectral_norm is off): level 0 always, levels 1..3 only with multi-resolution input.
         feature_levels = LEVELS if multires_input else 1
-        self.feature_convs = nn.ModuleList(sn_conv(spatial_dims, in_channels, c) for _ in range(feature_levels))
+        self.feature_convs = nn.ModuleList(conv(spatial_dims, in_channels, c, spectral=spectral_norm)
+                                           for _ in range(feature_levels))
 
         encoder = []
         for level in range(LEVELS):
@@ -114,9 +117,9 @@ class MDAUNet(nn.Module):
             merged = widths[level + 1] + widths[level]
             merges.append(CBAM(spatial_dims, merged, cbam_reductions[index]))
             decoder.append(nn.Sequential(
-                sn_conv(spatial_dims, merged, widths[level]), act(),
-                sn_conv(spatial_dims, widths[level], widths[level]), act(),
-                sn_conv(spatial_dims, widths[level], widths[level]), act(),
+                conv(spatial_dims, merged, widths[level], spectral=spectral_norm), act(),
+                conv(spatial_dims, widths[level], widths[level], spectral=spectral_norm), act(),
+                conv(spatial_dims, widths[level], widths[level], spectral=spectral_norm), act(),
             ))
         self.merges = nn.ModuleList(merges)
         self.decoder = nn.ModuleList(decoder)

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,8 +337,12 @@ class Trainer:
             ctx.iteration = iteration
             losses = method.train_step(batch, ctx)
             self.dist.sync_state(wrapped)  # state outside the wrapped networks (a memory bank) follows rank 0
-            for scheduler in schedulers.values():
-                scheduler.step()
+            with warnings.catch_warnings():
+                # A method may leave an optimiser idle for a while (mdagan's adversarial warm start); its schedule
+                # still follows the iteration count, so torch's "scheduler before optimizer" warning is noise.
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                for scheduler in schedulers.values():
+                    scheduler.step()
             if average is not None:
                 average.update(iteration)
             if not all(np.isfinite(v) for v in losses.values()):
