@@ -187,6 +187,25 @@ def test_shards_write_every_subject_once_identical_to_one_run(trained, tmp_path:
             parse_shard(bad)
 
 
+def test_cli_mirror_axes_reach_the_inferer_and_the_sidecar(trained, tmp_path: Path, capsys) -> None:
+    run, manifest, _ = trained
+    common = ["predict", "--run", str(run), "--input", str(manifest), "--split", "test"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--out", str(tmp_path / "mirrored"), "--mirror-axes", "0,2"]) == 0
+    assert main([*common, "--out", str(tmp_path / "off"), "--mirror-axes", "none"]) == 0
+    name = "s0_synthetic-ct"
+    plain, mirrored, off = (read_volume(tmp_path / d / f"{name}.nii.gz") for d in ("plain", "mirrored", "off"))
+    assert mirrored.same_grid(plain) and not np.allclose(mirrored.array, plain.array)
+    np.testing.assert_array_equal(off.array, plain.array)
+    sidecar = json.loads((tmp_path / "mirrored" / f"{name}.json").read_text())
+    assert sidecar["config"]["inference"]["mirror_axes"] == [0, 2]
+    for bad, message in (("0,0", "inference.mirror_axes"), ("3", "inference.mirror_axes"), ("x", "--mirror-axes")):
+        capsys.readouterr()
+        assert main([*common, "--out", str(tmp_path / f"bad{bad}"), "--mirror-axes", bad]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / f"bad{bad}").exists()
+
+
 def test_deterministic_methods_refuse_sampler_options(trained, tmp_path: Path) -> None:
     run, manifest, _ = trained
     with pytest.raises(ConfigError, match="deterministic and has no sampling steps"):

@@ -265,6 +265,9 @@ def predict(
                                        "the same outputs (8% faster per paper-size volume on a 2-core AVX2 CPU); "
                                        "needs a C++ compiler (default: the config's)")
                                ] = None,
+    mirror_axes: Annotated[str | None, typer.Option(
+        help="Test-time mirroring (nnU-Net's): average the predictions of the input flipped along every subset of "
+             "these axes, e.g. 0 (x, 2 passes) or 0,1,2 (8 passes); none = off (default: the config's)")] = None,
 ) -> None:
     """Translate volumes with a trained checkpoint, back onto each input's own grid and units.
 
@@ -272,7 +275,7 @@ def predict(
     synthetic (NIfTI descrip + JSON sidecar) and never takes an input's file name.
     """
     from volsynth.errors import ConfigError
-    from volsynth.inference.predict import parse_shard, resolve_checkpoint
+    from volsynth.inference.predict import parse_axes, parse_shard, resolve_checkpoint
     from volsynth.inference.predict import predict as run_predict
     from volsynth.run import RunFolder
 
@@ -285,7 +288,7 @@ def predict(
     written = run_predict(path, input_, out, device=device, overlap=overlap, sw_batch_size=sw_batch_size,
                           precision=precision.value if precision else None, subjects=subjects, seed=seed,
                           steps=steps, shard=parse_shard(shard), overwrite=overwrite,
-                          compile_network=compile_network)
+                          compile_network=compile_network, mirror_axes=parse_axes(mirror_axes))
     _echo(f"Wrote {len(written)} synthetic volume(s) to {out}")
 
 

@@ -144,6 +144,18 @@ def resolve_inference_precision(precision: str, device: torch.device) -> str:
     return "bf16" if native_bf16(device) else "fp32"
 
 
+def parse_axes(text: str | None) -> tuple[int, ...] | None:
+    """``--mirror-axes``: ``"0,1,2"`` → ``(0, 1, 2)``, ``"none"`` → ``()`` (off), ``None`` → the config's."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--mirror-axes {text!r}: expected axes like 0,1,2 (x, y, z) or none") from None
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """``"K/N"`` → (K, N), 0 ≤ K < N (SLURM: ``--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``)."""
     if text is None:
@@ -199,7 +211,7 @@ def predict(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, *, 
             overlap: float | None = None, sw_batch_size: int | None = None, precision: str | None = None,
             subjects: list[str] | None = None, seed: int | None = None, steps: int | None = None,
             shard: tuple[int, int] | None = None, overwrite: bool = False, progress: bool = True,
-            compile_network: bool | None = None) -> list[Path]:
+            compile_network: bool | None = None, mirror_axes: tuple[int, ...] | None = None) -> list[Path]:
     """Translate every input of this shard into ``out_dir``; returns the written volume paths.
 
     Args:
@@ -210,6 +222,7 @@ def predict(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, *, 
         shard: ``(k, n)``: translate only subjects ``i`` with ``i % n == k`` (default: torchrun's rank/world).
         overwrite: replace existing predictions of the same names in ``out_dir``.
         compile_network: override ``inference.compile`` (torch.compile with frozen weights).
+        mirror_axes: override ``inference.mirror_axes`` (test-time mirroring; ``()`` turns it off).
     """
     torch_device = resolve_device(device)  # a missing GPU fails before any work
     if torch_device.type == "cuda" and torch_device.index is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -217,7 +230,7 @@ def predict(checkpoint: str | Path, inputs: str | Path, out_dir: str | Path, *, 
     method, config, state = load_method(checkpoint, device=torch_device)
     changes: dict[str, Any] = {k: v for k, v in (("overlap", overlap), ("sw_batch_size", sw_batch_size),
                                                    ("precision", precision), ("seed", seed), ("steps", steps),
-                                                   ("compile", compile_network))
+                                                   ("compile", compile_network), ("mirror_axes", mirror_axes))
                                if v is not None}
     config = dataclasses.replace(config, inference=dataclasses.replace(config.inference, **changes))
     from volsynth.config import validate
