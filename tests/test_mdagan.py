@@ -176,9 +176,10 @@ def test_train_step_updates_generator_and_discriminator() -> None:
 
 
 def test_adversarial_warm_start_skips_the_discriminator_until_its_iteration() -> None:
-    config = tiny_config(adversarial=AdversarialConfig(start_iteration=3))
+    config = tiny_config(adversarial=AdversarialConfig(start_fraction=0.5))
     method = MDAGAN(config)
     ctx = make_context(method)
+    ctx.total_iterations = 5  # the first 2.5 iterations without D
     for iteration, adversarial in ((1, False), (2, False), (3, True)):
         ctx.iteration = iteration
         generator = [p.detach().clone() for p in method.generator.parameters()]
@@ -191,8 +192,9 @@ def test_adversarial_warm_start_skips_the_discriminator_until_its_iteration() ->
         assert (logs["adv_d"] != 0 and logs["adv_g"] != 0) == adversarial, logs
         if not adversarial:  # the voxel loss alone
             assert logs["total"] == pytest.approx(logs["l1"], rel=1e-6)
-    with pytest.raises(ConfigError, match="start_iteration"):
-        MDAGAN(tiny_config(adversarial=AdversarialConfig(start_iteration=-1)))
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="start_fraction"):
+            MDAGAN(tiny_config(adversarial=AdversarialConfig(start_fraction=bad)))
 
 
 def test_generator_spectral_norm_switch_keeps_the_parameters() -> None:
@@ -299,7 +301,9 @@ def test_trainer_runs_and_resumes_bit_exact(cohort: Path, tmp_path: Path) -> Non
             "train.iterations=4",
             "train.checkpoint_every=2", "train.val_every=2", "train.log_every=1", "train.progress=false",
             "method.generator.base_channels=4", "method.generator.growth_rates=[2,2,4,4]",
-            "method.generator.rdbs_per_block=1", "inference.overlap=0.25", "inference.sw_batch_size=8", *extra])
+            "method.generator.rdbs_per_block=1", "inference.overlap=0.25", "inference.sw_batch_size=8",
+            # D from the first step: the warm start is a fraction of train.iterations, which the legs change.
+            "method.adversarial.start_fraction=0", *extra])
 
     train(config(), tmp_path / "straight")
     train(config("train.iterations=2"), tmp_path / "resumed")
