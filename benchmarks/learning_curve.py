@@ -46,11 +46,11 @@ def read_subject(manifest: Path, entry: dict[str, Any], source: str, target: str
 def tissue_dice(synthetic: np.ndarray, real: np.ndarray, brain: np.ndarray, contrast: str) -> float:
     """Mean Dice over CSF/GM/WM of the built-in GMM segmentations of ``synthetic`` and ``real`` inside ``brain``."""
     from volsynth.data.segmenters import GMMTissueSegmenter
+    from volsynth.metrics import dice
 
     segmenter = GMMTissueSegmenter(contrast)
     a, b = segmenter.segment(synthetic, mask=brain), segmenter.segment(real, mask=brain)
-    return float(np.mean([2 * np.sum((a == k) & (b == k)) / max(1, np.sum(a == k) + np.sum(b == k))
-                          for k in (1, 2, 3)]))
+    return float(np.mean(list(dice(a, b, (1, 2, 3), empty=0.0).values())))
 
 
 def score(run: Path, subjects: list[dict[str, np.ndarray]], target: str, device: str) -> dict[str, float]:
