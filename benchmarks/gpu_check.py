@@ -15,7 +15,7 @@ One JSON (``--out``, rewritten after every case, so a run cut short still leaves
 * ``environment``: torch/MONAI/CUDA versions, device name and memory, bf16 support, determinism settings;
 * ``training_steps``: every registered method (each stage of staged methods) at its ``<name>-paper`` preset, one
   training iteration on a random batch of the preset's item shape, in fp16 (GradScaler) and bf16 autocast on
-  CUDA (fp32 and bf16 on a CPU): losses, seconds per step (median after a warm-up), peak GPU memory per case;
+  CUDA (fp32 on a CPU): losses, seconds per step (median after a warm-up), peak GPU memory per case;
 * ``predict``: the mdagan paper generator on a 160×192×160 volume through ``method.make_inferer`` +
   ``method.infer`` in fp32/fp16/bf16: seconds, peak memory, difference to fp32;
 * ``phantom_training``: mdagan trained for ``--train-seconds`` on a phantom (``--phantom``: an ``.npz`` from
@@ -658,7 +658,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         choices=["steps", "predict", "train"])
     parser.add_argument("--methods", nargs="+", default=None, help="registered methods (default: all)")
     parser.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "fp16", "bf16"],
-                        help="training-step autocast (default: fp16 bf16 on CUDA, fp32 bf16 on a CPU)")
+                        help="training-step autocast (default: fp16 bf16 on CUDA, fp32 on a CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps per case (default 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1)")
     parser.add_argument("--depth-all", type=int, default=None, help="slices of a depth-'all' slab (default 64)")
@@ -712,7 +712,10 @@ def main(argv: list[str] | None = None) -> int:
 
     steps, warmup = pick(args.steps, SMOKE["steps"], 3), pick(args.warmup, SMOKE["warmup"], 1)
     depth_all = pick(args.depth_all, SMOKE["depth_all"], 64)
-    precisions = args.precisions or (["fp16", "bf16"] if cuda else ["fp32", "bf16"])
+    # CPU: fp32 only by default. torch 2.13's CPU bf16 conv3d backward returns wrong or non-finite weight gradients
+    # whenever a conv's output is 2³ (31 + 5 of 40 trials on an AVX-512 BF16 EPYC; the smoke networks have such
+    # convs), so a bf16 step there tests torch, not volsynth. `--precisions fp32 bf16` still runs it.
+    precisions = args.precisions or (["fp16", "bf16"] if cuda else ["fp32"])
     names = args.methods or METHODS.names()
     unknown = sorted(set(names) - set(METHODS.names()))
     if unknown:
@@ -777,8 +780,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides += smoke_sizes(FLAGSHIP, overrides)
         overrides += args.train_set
         precision = args.train_precision
-        if precision == "auto":  # train.precision=auto: fp16 on CUDA, bf16 on a CPU (where it is native)
-            precision = "fp16" if cuda else "bf16" if cpu_has_bf16() else "fp32"
+        if precision == "auto":  # as train.precision=auto: fp16 on CUDA, fp32 on a CPU (torch 2.13's CPU bf16
+            precision = "fp16" if cuda else "fp32"  # conv3d backward can give NaN weight gradients)
         seconds = pick(args.train_seconds, SMOKE["train_seconds"], 120.0)
         try:
             document["phantom_training"] = phantom_training(device, data=data, origin=origin, seconds=seconds,

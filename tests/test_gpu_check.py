@@ -122,7 +122,8 @@ def test_cpu_smoke_runs_every_method_without_image_libraries(tmp_path: Path) -> 
     assert report["mode"] == "cpu-smoke" and report["summary"]["ok"], report["summary"]
     assert report["summary"]["image_io_modules_loaded"] == []
 
-    # Every registered method (every stage of a staged one) took finite training steps in fp32 and bf16.
+    # Every registered method (every stage of a staged one) took finite fp32 training steps (a CPU's default; bf16
+    # steps on a CPU are opt-in: torch 2.13's CPU bf16 conv3d backward is wrong for 2³ outputs).
     steps = report["training_steps"]
     assert {e["method"] for e in steps} == set(METHODS.names())
     for name in METHODS.names():
@@ -130,7 +131,7 @@ def test_cpu_smoke_runs_every_method_without_image_libraries(tmp_path: Path) -> 
         for stage, overrides in [(s.name, s.overrides) for s in stages] or [(None, {})]:
             sampling = load_config(f"{name}-paper", [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
                                    ).data.sampling
-            for precision in ("fp32", "bf16"):
+            for precision in ("fp32",):
                 found = [e for e in steps if (e["method"], e["stage"], e["precision"]) == (name, stage, precision)]
                 assert len(found) == 1, (name, stage, precision)
                 entry = found[0]

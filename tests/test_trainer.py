@@ -16,7 +16,7 @@ from volsynth.experiment import load_checkpoint, load_config, load_method
 from volsynth.methods import build_method
 from volsynth.methods.regression_unet import RegressionUNet
 from volsynth.training.optim import lr_factor
-from volsynth.training.trainer import train
+from volsynth.training.trainer import resolve_precision, train
 
 TINY = {"method": {"name": "regression_unet", "channels": [4, 8], "num_res_units": 1}}
 
@@ -100,6 +100,16 @@ def test_same_seed_same_numbers_different_seed_different(cohort: Path, tmp_path:
 def test_bf16_autocast_trains(cohort: Path, tmp_path: Path) -> None:
     result = train(tiny(cohort, "train.iterations=2", "train.precision=bf16"), tmp_path / "run")
     assert result.last_checkpoint.is_file()
+
+
+def test_auto_precision_is_fp32_on_a_cpu_and_fp16_on_cuda() -> None:
+    # A CPU with native bf16 must still train in fp32 under `auto` (torch 2.13's CPU bf16 conv3d backward gave
+    # the flagship NaN weight gradients within 6 steps); an explicit choice is kept, and fp16 needs CUDA.
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        resolve_precision("fp16", torch.device("cpu"))
 
 
 def test_weight_average_is_the_closed_form(cohort: Path, tmp_path: Path) -> None:

@@ -160,7 +160,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     grad_clip: float | None = None  # max global grad norm per optimiser step; None = off
-    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"  # auto = bf16 on CPU, fp16 on CUDA
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"  # auto = fp16 on CUDA, fp32 on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: one device per local rank)
     threads: int | None = None  # torch intra-op threads; None = torch's default
     # channels-last 3D memory format for 3D patch models: oneDNN's fast path for small-channel 3D convs on CPUs

@@ -44,7 +44,7 @@ from volsynth.training.distributed import Distributed
 from volsynth.training.ema import WeightAverage
 from volsynth.training.logs import RunLogger
 from volsynth.training.optim import make_scheduler
-from volsynth.utils import atomic_write_text, native_bf16, resolve_device
+from volsynth.utils import atomic_write_text, resolve_device
 
 # Keys that may differ when a run is resumed: how long it runs and how it reports, never what or how it learns.
 RESUMABLE_KEYS = ("train.iterations", "train.max_seconds", "train.checkpoint_every", "train.val_every",
@@ -55,11 +55,14 @@ log = logging.getLogger(__name__)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: fp16 (+ loss scaling) on CUDA, bf16 on CPUs that compute it natively, else fp32."""
+    """``auto``: fp16 (+ loss scaling) on CUDA, fp32 on a CPU.
+
+    Why not bf16 on CPUs that compute it natively: with torch 2.13 the CPU bf16 conv3d backward can return
+    garbage weight gradients (huge, or NaN within a few steps of the flagship on an AVX-512 BF16 EPYC; see
+    benchmarks/RESULTS.md), so CPU training stays in fp32 unless a config asks for bf16 explicitly.
+    """
     if precision == "auto":
-        if device.type == "cuda":
-            return "fp16"
-        return "bf16" if native_bf16(device) else "fp32"
+        return "fp16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type == "cpu":
         raise ConfigError("train.precision fp16 needs CUDA; use bf16 (or fp32) on a CPU")
     return precision
