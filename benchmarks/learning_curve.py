@@ -3,6 +3,9 @@
     python benchmarks/learning_curve.py --manifest M --method hifisyn --seconds 300 --chunk 500 --out curve.json
     python benchmarks/learning_curve.py --manifest M --method cyclegan3d --device cuda --set train.lr=2e-4 ...
 
+``source_correlation`` asks how an unpaired method fails: a translation that keeps the source's contrast (T1's dark
+CSF on a synthetic T2) correlates positively with the source and negatively with the target.
+
 The issue-11 question, asked with more compute than a CI test has: does a method's translation of the held-out
 subjects beat the constant that predicts their mean brain intensity, and how does its tissue Dice (built-in GMM
 segmenter on the synthetic vs on the real target, inside the brain) compare with another method's at equal
@@ -60,8 +63,11 @@ def score(run: Path, subjects: list[dict[str, np.ndarray]], target: str, device:
     rows = []
     for subject in subjects:
         synthetic = method.infer(subject["source"], method.make_inferer(config.inference, config.data))
-        rows.append({**brain_scores(synthetic, subject["target"], subject["tissue"] > 0),
-                     "tissue_dice": tissue_dice(synthetic, subject["target"], subject["tissue"] > 0, target)})
+        brain = subject["tissue"] > 0
+        rows.append({**brain_scores(synthetic, subject["target"], brain),
+                     "tissue_dice": tissue_dice(synthetic, subject["target"], brain, target),
+                     # > 0 while the target's is < 0: the translation kept the source's contrast
+                     "source_correlation": correlation(synthetic[brain], subject["source"][brain])})
     return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
 
 
@@ -71,10 +77,15 @@ def brain_scores(synthetic: np.ndarray, target: np.ndarray, brain: np.ndarray) -
     from volsynth.metrics import psnr, ssim
 
     inside, real = synthetic[brain].astype(np.float64), target[brain].astype(np.float64)
-    correlation = 0.0 if inside.std() == 0 else float(np.corrcoef(inside, real)[0, 1])
     return {"brain_l1": float(np.abs(inside - real).mean()), "brain_psnr": psnr(synthetic, target, data_range=1.0,
             mask=brain), "brain_ssim": ssim(synthetic, target, data_range=1.0, mask=brain),
-            "brain_correlation": correlation}
+            "brain_correlation": correlation(inside, real)}
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two equal-size voxel sets; 0 when either is constant (it carries no contrast)."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return 0.0 if a.std() == 0 or b.std() == 0 else float(np.corrcoef(a, b)[0, 1])
 
 
 def main(argv: list[str] | None = None) -> int:

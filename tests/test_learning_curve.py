@@ -22,6 +22,16 @@ def load_script() -> ModuleType:
     return module
 
 
+def test_correlation_is_pearsons_and_zero_for_a_constant() -> None:
+    script = load_script()
+    x = np.array([0.1, 0.4, 0.2, 0.9])
+    assert script.correlation(x, 2 * x + 1) == pytest.approx(1.0)
+    assert script.correlation(x, -x) == pytest.approx(-1.0)
+    assert script.correlation(x, np.full(4, 0.3)) == 0.0
+    y = np.array([0.3, 0.1, 0.5, 0.2])
+    assert script.correlation(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
+
+
 @pytest.mark.slow
 def test_curve_resumes_one_run_and_scores_the_test_subject(tmp_path: Path) -> None:
     from volsynth.data.phantom import make_phantom_cohort
@@ -54,5 +64,6 @@ def test_curve_resumes_one_run_and_scores_the_test_subject(tmp_path: Path) -> No
     assert curve["predict_the_mean_brain_correlation"] == 0.0
     last = curve["points"][-1]
     assert 0 < last["brain_l1"] < 1 and 0 <= last["tissue_dice"] <= 1 and -1 <= last["brain_correlation"] <= 1
+    assert -1 <= last["source_correlation"] <= 1
 
     assert script.main(argv) == 2  # the run folder exists now: never trained into twice
