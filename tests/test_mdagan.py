@@ -192,6 +192,12 @@ def test_adversarial_warm_start_skips_the_discriminator_until_its_iteration() ->
         assert (logs["adv_d"] != 0 and logs["adv_g"] != 0) == adversarial, logs
         if not adversarial:  # the voxel loss alone
             assert logs["total"] == pytest.approx(logs["l1"], rel=1e-6)
+    # Under train.time_box the phase follows the clock when it runs out first: at iteration 1 of 5 with 60 % of the
+    # time budget used, D trains.
+    ctx.iteration, ctx.time_progress = 1, 0.6
+    critic = [p.detach().clone() for p in method.discriminator.parameters()]
+    method.train_step(batch(16), ctx)
+    assert any(not torch.equal(a, b) for a, b in zip(critic, method.discriminator.parameters(), strict=True))
     for bad in (-0.1, 1.0):
         with pytest.raises(ConfigError, match="start_fraction"):
             MDAGAN(tiny_config(adversarial=AdversarialConfig(start_fraction=bad)))

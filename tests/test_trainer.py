@@ -102,6 +102,25 @@ def test_bf16_autocast_trains(cohort: Path, tmp_path: Path) -> None:
     assert result.last_checkpoint.is_file()
 
 
+def test_time_box_anneals_a_run_the_clock_stops_and_changes_nothing_otherwise(cohort: Path, tmp_path: Path
+                                                                            ) -> None:
+    never = ("train.val_every=1000000", "train.checkpoint_every=1000000", "train.schedule.kind=cosine")
+    for name, extra in (("boxed", ("train.time_box=true",)), ("cut", ())):
+        train(tiny(cohort, "train.iterations=1000000", "train.max_seconds=1.5", *never, *extra), tmp_path / name)
+    boxed, cut = ([float(r["lr"]) for r in csv.DictReader((tmp_path / f"{n}/log.csv").open())]
+                  for n in ("boxed", "cut"))
+    assert 3 < len(boxed) < 1000000 and 3 < len(cut) < 1000000  # both stopped by the clock
+    assert cut[-1] > 0.99e-3  # without the time box the cosine has barely begun when the clock stops it
+    assert boxed[-1] < 0.05e-3 and boxed == sorted(boxed, reverse=True)  # with it, the cosine ran its course
+    # A run that finishes its iterations well inside the budget is bit-identical with and without the time box.
+    train(tiny(cohort, "train.max_seconds=600", "train.time_box=true"), tmp_path / "roomy")
+    train(tiny(cohort), tmp_path / "plain")
+    a, b = weights(tmp_path / "roomy/checkpoints/last.pt"), weights(tmp_path / "plain/checkpoints/last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match=r"train\.time_box"):
+        tiny(cohort, "train.time_box=true")  # nothing to follow without max_seconds
+
+
 def test_auto_precision_is_fp32_on_a_cpu_and_fp16_on_cuda() -> None:
     # A CPU with native bf16 must still train in fp32 under `auto` (torch 2.13's CPU bf16 conv3d backward gave
     # the flagship NaN weight gradients within 6 steps); an explicit choice is kept, and fp16 needs CUDA.

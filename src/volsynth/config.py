@@ -155,6 +155,11 @@ class TrainConfig:
 
     iterations: int = 1000
     max_seconds: float | None = None  # stop after this much training time (cumulative over resumes); None = off
+    # With max_seconds: schedules (learning rate, a method's phases such as mdagan's adversarial start) follow
+    # max(iterations done / iterations, seconds used / max_seconds), so a run the clock stops early still ends
+    # annealed instead of cut mid-schedule. A run that finishes its iterations in time is unchanged (and exactly
+    # reproducible); one the clock cuts depends on the machine's speed. The demo's time box uses it.
+    time_box: bool = False
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -371,6 +376,8 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     require(train.lr > 0, "train.lr", "> 0", train.lr)
     require(train.max_seconds is None or train.max_seconds > 0, "train.max_seconds", "> 0 or null",
              train.max_seconds)
+    require(not train.time_box or train.max_seconds is not None, "train.time_box",
+            "false unless train.max_seconds is set (the schedule needs a time budget to follow)", train.time_box)
     require(train.weight_decay >= 0, "train.weight_decay", ">= 0", train.weight_decay)
     require(all(0 <= b < 1 for b in train.betas), "train.betas", "in [0, 1)", list(train.betas))
     require(train.grad_clip is None or train.grad_clip > 0, "train.grad_clip", "> 0 or null", train.grad_clip)

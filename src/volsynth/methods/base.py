@@ -89,14 +89,18 @@ class StepContext:
         self.grad_clip = grad_clip
         self.iteration = iteration
         self.total_iterations = total_iterations
+        # Fraction of train.max_seconds used, set by the trainer under train.time_box (else 0): progress follows
+        # whichever of iterations and time runs out first.
+        self.time_progress = 0.0
         # Method-side randomness (image pool draws, timesteps, noise) uses this generator, which the trainer
         # reseeds from (seed, iteration, rank) so a resumed run draws the same numbers.
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
 
     @property
     def progress(self) -> float:
-        """Fraction of training done, in [0, 1] (for loss-weight ramps)."""
-        return min(1.0, self.iteration / max(1, self.total_iterations))
+        """Fraction of training done, in [0, 1] (for loss-weight ramps and phases): iterations done over
+        train.iterations, or the fraction of train.max_seconds used when train.time_box makes that larger."""
+        return min(1.0, max(self.iteration / max(1, self.total_iterations), self.time_progress))
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Mixed-precision context for forward passes and losses (no-op in fp32)."""

@@ -117,7 +117,8 @@ class AdversarialConfig:
     # synthetic logits detached in the D step. For comparison runs only.
     release_compat: bool = False
     # ESRGAN's PSNR-oriented warm start (Wang et al. 2018, whose RRDBs this generator uses): the first
-    # ``start_fraction`` of train.iterations train the generator on the voxel (and perception) losses alone, and D
+    # ``start_fraction`` of training (of train.iterations; of max_seconds under train.time_box when the clock runs
+    # out first) train the generator on the voxel (and perception) losses alone, and D
     # is neither run nor trained. 0 = the paper (adversarial from the first step). A fraction, not an iteration, so
     # that `--set train.iterations=N` keeps the adversarial phase. Why: with λ3 = 1e-4 the early adversarial term
     # barely moves G, yet D costs nearly half of a CPU step (0.41 s vs 0.20 s per 4 × 16³ step of mdagan-cpu).
@@ -299,7 +300,7 @@ class MDAGAN(TranslationMethod):
 
         adv_d = torch.zeros(())
         fraction = cfg.adversarial.start_fraction
-        warm = fraction > 0 and ctx.iteration <= fraction * ctx.total_iterations
+        warm = fraction > 0 and ctx.progress <= fraction
         adversarial = self.discriminator is not None and not warm
         if adversarial:
             set_requires_grad(self.discriminator, True)

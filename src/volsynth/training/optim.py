@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -31,7 +32,12 @@ def lr_factor(schedule: ScheduleConfig, iteration: int, iterations: int) -> floa
     return 1.0
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, iterations: int
-                   ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The configured schedule as a ``LambdaLR`` (its state is just the step count: resume is exact)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(schedule, it, iterations))
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, iterations: int,
+                   clock: Callable[[int], int] | None = None) -> torch.optim.lr_scheduler.LRScheduler:
+    """The configured schedule as a ``LambdaLR`` (its state is just the step count: resume is exact).
+
+    ``clock`` maps the step count to the iteration the schedule is evaluated at (train.time_box: further along
+    when the time budget runs out faster than the iterations); None = the step count itself.
+    """
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(schedule, clock(it) if clock is not None else it, iterations))

@@ -279,7 +279,16 @@ class Trainer:
         config, train = self.config, self.config.train
         method.train()
         optimizers = method.configure_optimizers(train)
-        schedulers = {k: make_scheduler(o, train.schedule, train.iterations) for k, o in optimizers.items()}
+        # train.time_box: the fraction of max_seconds used so far, updated before every step; the schedules and
+        # ctx.progress then follow whichever of iterations and time runs out first.
+        time_used = [0.0]
+
+        def schedule_iteration(steps: int) -> int:
+            return max(steps, int(time_used[0] * train.iterations))
+
+        timed = train.time_box and train.max_seconds is not None
+        schedulers = {k: make_scheduler(o, train.schedule, train.iterations, schedule_iteration if timed else None)
+                      for k, o in optimizers.items()}
         scalers = {k: torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16") for k in optimizers}
         trained = [p for o in optimizers.values() for group in o.param_groups for p in group["params"]]
         average = (WeightAverage(method, trained, decay=train.ema.decay, start=train.ema.start)
@@ -338,6 +347,8 @@ class Trainer:
             if train.channels_last and batch.source.ndim == 5:
                 batch = batch.channels_last()
             ctx.iteration = iteration
+            if timed:
+                time_used[0] = ctx.time_progress = min(1.0, elapsed() / train.max_seconds)
             losses = method.train_step(batch, ctx)
             self.dist.sync_state(wrapped)  # state outside the wrapped networks (a memory bank) follows rank 0
             with warnings.catch_warnings():
