@@ -1,8 +1,14 @@
-"""Shared tiny fixtures: a paired cohort written to disk, built from smooth random fields (no downloads)."""
+"""Shared tiny fixtures: a paired cohort written to disk, built from smooth random fields (no downloads), and the
+benchmark scripts as modules."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -53,3 +59,20 @@ def _one_torch_thread() -> None:
 @pytest.fixture
 def cohort(tmp_path: Path) -> Path:
     return write_cohort(tmp_path / "cohort")
+
+
+@functools.cache
+def _benchmark_module(name: str) -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def benchmark_script() -> Callable[[str], ModuleType]:
+    """``benchmark_script("learning_curve")``: ``benchmarks/learning_curve.py`` imported as a module (once)."""
+    return _benchmark_module

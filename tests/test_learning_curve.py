@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -11,19 +11,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+
+@pytest.fixture
+def script(benchmark_script: Callable[[str], ModuleType]) -> ModuleType:
+    return benchmark_script("learning_curve")
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("learning_curve", ROOT / "benchmarks" / "learning_curve.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_correlation_is_pearsons_and_zero_for_a_constant() -> None:
-    script = load_script()
+def test_correlation_is_pearsons_and_zero_for_a_constant(script: ModuleType) -> None:
     x = np.array([0.1, 0.4, 0.2, 0.9])
     assert script.correlation(x, 2 * x + 1) == pytest.approx(1.0)
     assert script.correlation(x, -x) == pytest.approx(-1.0)
@@ -33,7 +27,7 @@ def test_correlation_is_pearsons_and_zero_for_a_constant() -> None:
 
 
 @pytest.mark.slow
-def test_curve_resumes_one_run_and_scores_the_test_subject(tmp_path: Path) -> None:
+def test_curve_resumes_one_run_and_scores_the_test_subject(script: ModuleType, tmp_path: Path) -> None:
     from volsynth.data.phantom import make_phantom_cohort
     from volsynth.experiment import load_checkpoint
 
@@ -43,7 +37,6 @@ def test_curve_resumes_one_run_and_scores_the_test_subject(tmp_path: Path) -> No
     for entry, split in zip(raw["subjects"], ["train", "test"], strict=True):
         entry["split"] = split
     manifest.write_text(json.dumps(raw))
-    script = load_script()
     run, out = tmp_path / "run", tmp_path / "curve.json"
     argv = ["--manifest", str(manifest), "--method", "hifisyn", "--chunk", "1", "--iterations", "2", "--device",
             "cpu", "--run", str(run), "--out", str(out)]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -11,16 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module")
-def bounds_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("phantom_bounds", ROOT / "benchmarks" / "phantom_bounds.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def bounds_module(benchmark_script: Callable[[str], ModuleType]) -> ModuleType:
+    return benchmark_script("phantom_bounds")
 
 
 def test_lookup_table_is_the_binned_conditional_mean(bounds_module: ModuleType) -> None:
