@@ -36,3 +36,25 @@ def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture)
         assert summary["ceiling"]["psnr"]["n"] == len(test_subjects)  # the phantom's ideal, scored the same way
         assert (run / "downstream").is_dir() or method == "mdagan"  # 2 iterations may leave a flat output
     assert json.loads((out / "timings.json").read_text())["total"] > 0
+
+
+def test_demo_refuses_a_folder_holding_other_settings_or_other_files(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    # A demo folder re-entered with another seed would silently reuse the old phantom and trained models.
+    out = tmp_path / "demo"
+    out.mkdir()
+    recorded = {"demo": True, "seed": 0, "subjects": 8, "spacing": 3.0, "iterations": None,
+                "methods": ["mdagan", "regression_unet"], "overrides": ["train.max_seconds=290", "train.time_box=true"],
+                "per_method": {}}
+    (out / "demo.json").write_text(json.dumps(recorded))
+    assert main(["demo", "--out", str(out), "--seed", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "other settings" in error and "seed 0 → 1" in error and len(error.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["demo.json"]  # nothing written
+
+    other = tmp_path / "data"
+    other.mkdir()
+    (other / "scan.nii.gz").write_bytes(b"not touched")
+    assert main(["demo", "--out", str(other)]) == 2
+    assert "not a demo folder" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == ["scan.nii.gz"]

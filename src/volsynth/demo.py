@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from volsynth.config import resolve_config_path
-from volsynth.errors import VolsynthError
+from volsynth.errors import OutputError, VolsynthError
 
 
 class DemoError(VolsynthError, RuntimeError):
@@ -66,17 +66,18 @@ def run_demo(out: str | Path, *, seed: int = 0, subjects: int | None = None, ite
     began = time.perf_counter()
     for name in chosen.methods:  # fail before any work when a preset is missing
         resolve_config_path(f"{name}-cpu")
+    record = {"demo": True, "seed": seed, "subjects": chosen.subjects, "spacing": chosen.spacing,
+              "iterations": chosen.iterations, "methods": list(chosen.methods), "overrides": list(chosen.overrides),
+              "per_method": {k: list(v) for k, v in chosen.per_method.items()},
+              "note": "CPU demo settings, not the paper presets"}
+    check_out(out, record)
     manifest = out / "phantom" / "manifest.json"
     if not manifest.is_file():
         _say(f"[demo] phantom cohort: {chosen.subjects} subjects at {chosen.spacing} mm", progress)
         manifest = make_phantom_cohort(out / "phantom", chosen.subjects, seed=seed, spacing=chosen.spacing,
                                        progress=progress)
     timings["phantom"] = time.perf_counter() - began
-    _write_json(out / "demo.json", {"demo": True, "seed": seed, "subjects": chosen.subjects,
-                                    "spacing": chosen.spacing, "iterations": chosen.iterations,
-                                    "methods": list(chosen.methods), "overrides": list(chosen.overrides),
-                                    "per_method": {k: list(v) for k, v in chosen.per_method.items()},
-                                    "note": "CPU demo settings, not the paper presets"})
+    _write_json(out / "demo.json", record)
     runs = {name: RunFolder.of(out / "runs" / name) for name in chosen.methods}
     overrides = {name: [*chosen.overrides, *chosen.per_method.get(name, ()),
                         *([f"train.iterations={chosen.iterations}"] if chosen.iterations else []),
@@ -116,6 +117,27 @@ def run_demo(out: str | Path, *, seed: int = 0, subjects: int | None = None, ite
     for line in lines:
         _say(line, progress)
     return index
+
+
+def check_out(out: Path, record: dict[str, Any]) -> None:
+    """Refuse an output folder that is not this demo's: a demo folder is re-entered (its phantom and finished
+    trainings reused) only with the same settings, and nothing is written into a folder that holds anything else."""
+    recorded_path = out / "demo.json"
+    if recorded_path.is_file():
+        try:
+            recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise OutputError(f"{recorded_path} is unreadable ({error}); remove {out} or choose another --out"
+                              ) from None
+        changed = [f"{key} {recorded.get(key)!r} → {value!r}" for key, value in record.items()
+                   if key != "note" and recorded.get(key) != value]
+        if changed:
+            raise OutputError(f"{out} holds a demo run with other settings ({'; '.join(changed)}); it would reuse "
+                              f"that phantom and those trained models. Choose another --out or remove {out}")
+    elif out.is_dir() and any(out.iterdir()):
+        raise OutputError(f"{out} exists and is not a demo folder (no demo.json); choose another --out")
+    elif out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder")
 
 
 def _workers() -> int:
