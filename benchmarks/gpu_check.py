@@ -57,7 +57,7 @@ from volsynth.methods import METHODS, Batch, StepContext, build_method
 from volsynth.methods.base import autocast
 from volsynth.training.ema import WeightAverage
 from volsynth.training.optim import make_scheduler
-from volsynth.utils import atomic_write_text
+from volsynth.utils import atomic_write_text, resolve_precision
 
 FLAGSHIP = "mdagan"
 # The VGG-19 ImageNet weights are not available offline; random weights keep the network and its cost.
@@ -780,8 +780,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides += smoke_sizes(FLAGSHIP, overrides)
         overrides += args.train_set
         precision = args.train_precision
-        if precision == "auto":  # as train.precision=auto: fp16 on CUDA, fp32 on a CPU (torch 2.13's CPU bf16
-            precision = "fp16" if cuda else "fp32"  # conv3d backward can give NaN weight gradients)
+        if precision == "auto":  # what train.precision=auto trains in on this device
+            precision = resolve_precision(precision, device)
         seconds = pick(args.train_seconds, SMOKE["train_seconds"], 120.0)
         try:
             document["phantom_training"] = phantom_training(device, data=data, origin=origin, seconds=seconds,

@@ -16,7 +16,8 @@ from volsynth.experiment import load_checkpoint, load_config, load_method
 from volsynth.methods import build_method
 from volsynth.methods.regression_unet import RegressionUNet
 from volsynth.training.optim import lr_factor
-from volsynth.training.trainer import resolve_precision, train
+from volsynth.training.trainer import train
+from volsynth.utils import resolve_precision
 
 TINY = {"method": {"name": "regression_unet", "channels": [4, 8], "num_res_units": 1}}
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from volsynth.errors import DeviceError, OutputError
+from volsynth.errors import ConfigError, DeviceError, OutputError
 
 if TYPE_CHECKING:
     import torch
@@ -133,6 +133,20 @@ def native_bf16(device: torch.device) -> bool:
     except OSError:
         return False
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``train.precision`` for ``device``. ``auto``: fp16 (+ loss scaling) on CUDA, fp32 on a CPU.
+
+    Why not bf16 on CPUs that compute it natively: with torch 2.13 the CPU bf16 conv3d backward can return
+    garbage weight gradients (huge, or NaN within a few steps of the flagship on an AVX-512 BF16 EPYC; see
+    benchmarks/RESULTS.md), so CPU training stays in fp32 unless a config asks for bf16 explicitly.
+    """
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("train.precision fp16 needs CUDA; use bf16 (or fp32) on a CPU")
+    return precision
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -44,7 +44,7 @@ from volsynth.training.distributed import Distributed
 from volsynth.training.ema import WeightAverage
 from volsynth.training.logs import RunLogger
 from volsynth.training.optim import make_scheduler
-from volsynth.utils import atomic_write_text, resolve_device
+from volsynth.utils import atomic_write_text, resolve_device, resolve_precision
 
 # Keys that may differ when a run is resumed: how long it runs and how it reports, never what or how it learns.
 RESUMABLE_KEYS = ("train.iterations", "train.max_seconds", "train.checkpoint_every", "train.val_every",
@@ -52,20 +52,6 @@ RESUMABLE_KEYS = ("train.iterations", "train.max_seconds", "train.checkpoint_eve
                   "train.distributed_timeout", "train.channels_last", "data.cache_dir")
 LOWER_IS_BETTER = ("l1", "mae", "mse", "nmse", "loss")
 log = logging.getLogger(__name__)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: fp16 (+ loss scaling) on CUDA, fp32 on a CPU.
-
-    Why not bf16 on CPUs that compute it natively: with torch 2.13 the CPU bf16 conv3d backward can return
-    garbage weight gradients (huge, or NaN within a few steps of the flagship on an AVX-512 BF16 EPYC; see
-    benchmarks/RESULTS.md), so CPU training stays in fp32 unless a config asks for bf16 explicitly.
-    """
-    if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type == "cpu":
-        raise ConfigError("train.precision fp16 needs CUDA; use bf16 (or fp32) on a CPU")
-    return precision
 
 
 def iteration_seed(seed: int, iteration: int, rank: int) -> int:
@@ -279,17 +265,19 @@ class Trainer:
         config, train = self.config, self.config.train
         method.train()
         optimizers = method.configure_optimizers(train)
-        # train.time_box: the fraction of max_seconds used so far, updated before every step; the schedules and
-        # ctx.progress then follow whichever of iterations and time runs out first.
-        time_used = [0.0]
+        scalers = {k: torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16") for k in optimizers}
+        generator = torch.Generator()
+        ctx = StepContext(device=self.device, precision=self.precision, optimizers=optimizers, scalers=scalers,
+                          grad_clip=train.grad_clip, total_iterations=train.iterations, generator=generator)
+        # train.time_box: ctx.time_progress (the fraction of max_seconds used, set before every step) moves the
+        # schedules on when the clock runs out faster than the iterations, as it moves ctx.progress.
+        timed = train.time_box and train.max_seconds is not None
 
         def schedule_iteration(steps: int) -> int:
-            return max(steps, int(time_used[0] * train.iterations))
+            return max(steps, int(ctx.time_progress * train.iterations))
 
-        timed = train.time_box and train.max_seconds is not None
         schedulers = {k: make_scheduler(o, train.schedule, train.iterations, schedule_iteration if timed else None)
                       for k, o in optimizers.items()}
-        scalers = {k: torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16") for k in optimizers}
         trained = [p for o in optimizers.values() for group in o.param_groups for p in group["params"]]
         average = (WeightAverage(method, trained, decay=train.ema.decay, start=train.ema.start)
                    if train.ema.decay is not None else None)
@@ -309,9 +297,6 @@ class Trainer:
         sampler = build_sampler(config.data.sampling, train_subjects, paired=method.requires_paired_data)
         inferer = method.make_inferer(config.inference, config.data)
         logger = RunLogger(self.out_dir, enabled=self.dist.is_main, tensorboard=train.tensorboard, keep_until=start)
-        generator = torch.Generator()
-        ctx = StepContext(device=self.device, precision=self.precision, optimizers=optimizers, scalers=scalers,
-                          grad_clip=train.grad_clip, total_iterations=train.iterations, generator=generator)
         self.say(self._banner(method, task))
         if self.resume:
             self.say(f"resuming at iteration {start + 1} of {train.iterations} from {self.run.last}")
@@ -348,7 +333,7 @@ class Trainer:
                 batch = batch.channels_last()
             ctx.iteration = iteration
             if timed:
-                time_used[0] = ctx.time_progress = min(1.0, elapsed() / train.max_seconds)
+                ctx.time_progress = min(1.0, elapsed() / train.max_seconds)
             losses = method.train_step(batch, ctx)
             self.dist.sync_state(wrapped)  # state outside the wrapped networks (a memory bank) follows rank 0
             with warnings.catch_warnings():
