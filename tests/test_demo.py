@@ -10,10 +10,12 @@ from volsynth.cli import main
 
 
 @pytest.mark.slow
-def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "demo"
-    code = main(["demo", "--out", str(out), "--subjects", "4", "--iterations", "2", "--spacing", "6",
-                 "--methods", "mdagan,regression_unet", "--seed", "3"])
+    args = ["demo", "--out", str(out), "--subjects", "4", "--iterations", "2", "--spacing", "6",
+            "--methods", "mdagan,regression_unet", "--seed", "3"]
+    code = main(args)
     assert code == 0
     printed = capsys.readouterr().out
     for method in ("mdagan", "regression_unet"):  # one summary line per method, with the ceiling
@@ -36,6 +38,29 @@ def test_demo_pipeline_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture)
         assert summary["ceiling"]["psnr"]["n"] == len(test_subjects)  # the phantom's ideal, scored the same way
         assert (run / "downstream").is_dir() or method == "mdagan"  # 2 iterations may leave a flat output
     assert json.loads((out / "timings.json").read_text())["total"] > 0
+
+    # Re-entered with the same settings, the finished trainings are reused as they are.
+    checkpoint = out / "runs" / "regression_unet" / "checkpoints" / "last.pt"
+    stamp = checkpoint.stat().st_mtime_ns
+    assert main(args) == 0
+    assert checkpoint.stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    # A finished training whose settings differ from what this version would train (a preset changed since) is
+    # refused, not reported as this version's, and left alone.
+    import volsynth.experiment as experiment
+
+    real = experiment.load_config
+
+    def changed_preset(source: object, overrides: list[str] | None = None) -> object:
+        if isinstance(source, str) and source.endswith("-cpu"):  # the presets, not a checkpoint's saved config
+            return real(source, [*(overrides or []), "train.lr=0.123"])
+        return real(source, overrides)
+
+    monkeypatch.setattr(experiment, "load_config", changed_preset)
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "other settings" in error and "train.lr" in error and "0.123" in error, error
+    assert checkpoint.stat().st_mtime_ns == stamp
 
 
 def test_demo_refuses_a_folder_holding_other_settings_or_other_files(tmp_path: Path,

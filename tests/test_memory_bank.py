@@ -194,3 +194,23 @@ def test_bad_layouts_and_labels_are_refused() -> None:
     with pytest.raises(ValueError, match="memory classes"):
         memory.read_weights(queries, labels + 4)
     assert math.isclose(float(memory.read_weights(queries, labels).sum()), 50.0, rel_tol=1e-5)
+
+
+def test_read_temperature_divides_the_cosines_and_one_is_the_papers_read() -> None:
+    """τ_r = 1 is the printed softmax of raw cosines (hand-computed here); τ_r = 0.1 is softmax(cos / 0.1)."""
+    queries, _, labels = random_inputs(4, b=1, size=3)
+    for tau in (1.0, 0.1):
+        memory = bank(read_temperature=tau)
+        q = F.normalize(queries.movedim(1, -1), dim=-1)
+        cosine = q @ memory.keys.t()
+        own = labels.unsqueeze(-1) == memory.item_class
+        allowed = own | (memory.item_class == GLOBAL)
+        expected = torch.where(allowed, torch.exp(cosine / tau), torch.zeros_like(cosine))
+        expected = expected / expected.sum(-1, keepdim=True)
+        torch.testing.assert_close(memory.read_weights(queries, labels), expected, rtol=1e-5, atol=1e-6)
+    # A colder read is sharper: the largest global weight grows (the paper's cosines cap the ratio at e²).
+    warm = bank().read_weights(queries).amax(-1)
+    cold = bank(read_temperature=0.05).read_weights(queries).amax(-1)
+    assert bool((cold > warm).all()) and float(warm.max()) < math.exp(2) / (math.exp(2) + 9)
+    with pytest.raises(ValueError, match="read_temperature"):
+        bank(read_temperature=0.0)

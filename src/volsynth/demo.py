@@ -83,7 +83,8 @@ def run_demo(out: str | Path, *, seed: int = 0, subjects: int | None = None, ite
                         *([f"train.iterations={chosen.iterations}"] if chosen.iterations else []),
                         "train.progress=false", f"seed={seed}"] for name in chosen.methods}
     for name in chosen.methods:  # every setting is checked before any training starts
-        load_config(f"{name}-cpu", [f"data.manifest={manifest.resolve()}", *overrides[name]])
+        config = load_config(f"{name}-cpu", [f"data.manifest={manifest.resolve()}", *overrides[name]])
+        check_finished_run(runs[name], config, out)
     start = time.perf_counter()
     to_train = [name for name in chosen.methods if not runs[name].last.is_file()]
     if to_train:
@@ -117,6 +118,30 @@ def run_demo(out: str | Path, *, seed: int = 0, subjects: int | None = None, ite
     for line in lines:
         _say(line, progress)
     return index
+
+
+# Settings a finished demo training may have been run with differently without changing what it learnt.
+_REPORTING_KEYS = ("train.progress", "train.threads", "train.log_every", "train.tensorboard", "data.cache_dir")
+
+
+def check_finished_run(run: Any, config: Any, out: Path) -> None:
+    """Refuse to reuse a finished training whose saved settings differ from what this demo would train now (e.g.
+    a preset changed in a newer volsynth): its scores would be reported as this version's. ``None`` in the new
+    config (resolved later by the trainer, such as the task) is not compared."""
+    if not run.last.is_file():
+        return
+    from volsynth.experiment import checkpoint_config, load_checkpoint
+    from volsynth.training.trainer import flat_config
+
+    saved = flat_config(checkpoint_config(load_checkpoint(run.last), run.last))
+    wanted = flat_config(config)
+    changed = sorted(k for k, v in wanted.items()
+                     if v is not None and k not in _REPORTING_KEYS and saved.get(k) != v)
+    if changed:
+        detail = "; ".join(f"{k} {saved.get(k)!r} → {wanted[k]!r}" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise OutputError(f"{run.root} was trained with other settings than this demo's ({detail}{more}); its "
+                          f"scores would not be this version's. Choose another --out or remove {out}")
 
 
 def check_out(out: Path, record: dict[str, Any]) -> None:

@@ -102,6 +102,9 @@ class HiFiSynConfig(MethodConfig):
     memory_global_items: int | None = None
     # Weight of the OLD key/value in Eqs. 4–5: printed α_p = 0.01 (default); 0.99 = the "momentum" reading.
     memory_old_weight: float = 0.01
+    # τ_r of a memory read (Eq. 1): 1 = the paper's softmax of raw cosines (no temperature). < 1 is a DEVIATION that
+    # lets a read pick an item (nets/memory_bank.py says why).
+    memory_read_temperature: float = 1.0
     # Label values without their own memory class (e.g. tumour 4–6 with the 4-class layout) count as this one.
     unlisted_label_class: int = 3
     detach_read_weights: bool = False  # true: memory reads pass no gradient to the content queries (as MGUIT)
@@ -186,7 +189,8 @@ class HiFiSyn(TranslationMethod):
             for network in self.networks().values():
                 init_drit_weights(network, config.init_std)
         self.memory = BrainMemoryBank(4 * b, c, config.memory_class_items, config.memory_global_items, domains=2,
-                                      old_weight=config.memory_old_weight)
+                                      old_weight=config.memory_old_weight,
+                                      read_temperature=config.memory_read_temperature)
 
     # Hooks ------------------------------------------------------------------------------------------------------------
     @property
@@ -392,7 +396,7 @@ def _check_config(config: HiFiSynConfig) -> None:
     require(0 <= config.memory_old_weight < 1, "memory_old_weight", "in [0, 1)", config.memory_old_weight)
     require(0 <= config.unlisted_label_class < len(config.memory_class_items), "unlisted_label_class",
             f"a memory class in [0, {len(config.memory_class_items) - 1}]", config.unlisted_label_class)
-    for key in ("tau_pgd", "tau_sgd", "tau_ggd", "content_discriminator_lr_scale"):
+    for key in ("tau_pgd", "tau_sgd", "tau_ggd", "content_discriminator_lr_scale", "memory_read_temperature"):
         require(getattr(config, key) > 0, key, "> 0", getattr(config, key))
     for key in ("lambda_content_adversarial", "lambda_domain_adversarial", "lambda_cycle",
                 "lambda_self_reconstruction", "lambda_pgd", "lambda_sgd", "lambda_ggd", "alpha_s",

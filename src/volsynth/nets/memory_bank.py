@@ -9,7 +9,8 @@
   annotation exists, they are the only items read [HFS Fig. 2, Fig. 3].
 
 **Read** (Eqs. 1–3): ``w^{n,t} = softmax_t(cos(q^n, k_t))`` over the items the query may use (its class's items
-plus the global items in training, the global items only without labels), with **no temperature**; the retrieved
+plus the global items in training, the global items only without labels), with **no temperature** (as printed;
+``read_temperature`` τ_r ≠ 1 divides the cosines by τ_r, a deviation, see below); the retrieved
 attribute is ``z̄^n = Σ_t w^{n,t} b^t_{m}`` with the values of the domain being generated (keys are shared, so an
 i → j translation reads ``b_{m_j}`` with queries from ``z^c_{m_i}``).
 
@@ -31,6 +32,11 @@ i → j translation reads ``b_{m_j}`` with queries from ``z^c_{m_i}``).
 the text speaks of a momentum that prevents abrupt changes (which reads as 0.99 on the old item). The printed
 0.01 is the default (the equation is unambiguous and this toolkit follows the print where it is explicit); 0.99
 gives the momentum reading.
+
+Why a read temperature exists: a softmax of raw cosines (in [−1, 1]) can favour an item over another by at most e²
+≈ 7.4, so with the paper's 10 global items the largest read weight is bounded by 0.45 and, measured on the phantom,
+sits near 0.15: every pixel reads nearly the same average attribute and the read carries no anatomy.
+``read_temperature`` < 1 (as the τ of SupCon and of the paper's own contrastive terms) lets a read pick an item.
 
 Keys, values and the item layout are buffers: they travel with ``state_dict`` (checkpoints, bit-exact resume) and
 never enter an optimiser.
@@ -58,12 +64,13 @@ class BrainMemoryBank(nn.Module):
         global_items: number of global items; ``None`` = ``sum(class_items)`` (the paper's symmetric halves).
         domains: number of domains with their own values.
         old_weight: α of Eqs. 4–5, the weight of the old key/value (printed 0.01; 0.99 = the momentum reading).
+        read_temperature: τ_r dividing the cosines of a read (Eq. 1); 1 = the paper's softmax without temperature.
         generator: draws the initial keys/values (unit-norm Gaussian directions); ``None`` = torch's global RNG.
     """
 
     def __init__(self, key_dim: int, value_dim: int, class_items: Sequence[int] = (2, 2, 3, 3),
                  global_items: int | None = None, domains: int = 2, old_weight: float = 0.01,
-                 generator: torch.Generator | None = None) -> None:
+                 read_temperature: float = 1.0, generator: torch.Generator | None = None) -> None:
         super().__init__()
         class_items = [int(n) for n in class_items]
         if not class_items or any(n < 1 for n in class_items):
@@ -73,7 +80,10 @@ class BrainMemoryBank(nn.Module):
             raise ValueError(f"global_items must be ≥ 1 (test-time reads use them), got {global_items}")
         if not 0.0 <= old_weight < 1.0:
             raise ValueError(f"old_weight must be in [0, 1), got {old_weight}")
+        if not read_temperature > 0:
+            raise ValueError(f"read_temperature must be > 0, got {read_temperature}")
         self.old_weight = float(old_weight)
+        self.read_temperature = float(read_temperature)
         self.num_classes = len(class_items)
         self.domains = int(domains)
         owner = [c for c, n in enumerate(class_items) for _ in range(n)] + [GLOBAL] * n_global
@@ -121,11 +131,12 @@ class BrainMemoryBank(nn.Module):
         return q @ F.normalize(self.keys, dim=-1, eps=1e-8).t()  # keys are unit norm; normalising keeps it a cosine
 
     def read_weights(self, queries: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Eq. 1: ``(B, *S, T)`` softmax over the allowed items of each query (no temperature); each row sums to 1.
+        """Eq. 1: ``(B, *S, T)`` softmax over the allowed items of each query of cos / τ_r (τ_r = 1: the paper's,
+        no temperature); each row sums to 1.
 
         ``labels``: ``(B, *S)`` memory classes of the queries, or ``None`` for the global items only.
         """
-        similarity = self.similarity(queries)
+        similarity = self.similarity(queries) / self.read_temperature
         allowed = self.allowed_items(labels, similarity.shape[:-1])
         return torch.softmax(similarity.masked_fill(~allowed, float("-inf")), dim=-1)
 
