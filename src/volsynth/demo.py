@@ -120,8 +120,10 @@ def run_demo(out: str | Path, *, seed: int = 0, subjects: int | None = None, ite
     return index
 
 
-# Settings a finished demo training may have been run with differently without changing what it learnt.
-_REPORTING_KEYS = ("train.progress", "train.threads", "train.log_every", "train.tensorboard", "data.cache_dir")
+# Settings a finished demo training may have been run with differently without changing what it learnt. The
+# manifest's path changes when the demo folder is moved; its cohort is the one demo.json records (check_out).
+_REPORTING_KEYS = ("train.progress", "train.threads", "train.log_every", "train.tensorboard", "data.cache_dir",
+                   "data.manifest")
 
 
 def check_finished_run(run: Any, config: Any, out: Path) -> None:
