@@ -15,10 +15,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from volsynth.config import resolve_config_path
 from volsynth.errors import OutputError, VolsynthError
+
+if TYPE_CHECKING:
+    from volsynth.config import ExperimentConfig
+    from volsynth.run import RunFolder
 
 
 class DemoError(VolsynthError, RuntimeError):
@@ -126,7 +130,7 @@ _REPORTING_KEYS = ("train.progress", "train.threads", "train.log_every", "train.
                    "data.manifest")
 
 
-def check_finished_run(run: Any, config: Any, out: Path) -> None:
+def check_finished_run(run: RunFolder, config: ExperimentConfig, out: Path) -> None:
     """Refuse to reuse a finished training whose saved settings differ from what this demo would train now (e.g.
     a preset changed in a newer volsynth): its scores would be reported as this version's. ``None`` in the new
     config (resolved later by the trainer, such as the task) is not compared."""
