@@ -180,3 +180,52 @@ def test_class_probability_needs_a_label_map_and_patches() -> None:
         load_config("regression_unet-cpu", ["data.sampling.labels=tissue", "data.sampling.class_probability=2"])
     config = load_config("regression_unet-cpu", ["data.sampling.labels=tissue", "data.sampling.class_probability=0.3"])
     assert config.data.sampling.class_probability == 0.3
+
+
+def test_flipped_patches_keep_pairs_aligned_and_flip_each_axis_half_the_time() -> None:
+    """data.sampling.flip_axes: every array of an item is mirrored alike (source, target, mask and labels stay
+    voxel-aligned), each listed axis about half the time, the others never; off, the stream is unchanged."""
+    shape = (6, 6, 6)
+    code = np.arange(np.prod(shape), dtype=np.float64).reshape(shape) + 1
+    label = (np.arange(np.prod(shape)).reshape(shape) % 7).astype(np.int16)
+    subject = PreparedSubject("s", code, code * 10, label, None, None,  # type: ignore[arg-type]
+                              {"pair": np.arange(code.size)})
+    whole = (6, 6, 6)  # the whole volume, so every flip is visible against the original
+    items = PatchSampler([subject], whole, per_step=400, flip_axes=(0, 2)).sample(np.random.default_rng(0))
+    source, target, labels = items["source"], items["target"], items["source_label"]
+    np.testing.assert_array_equal(target, source * 10)  # the pair flipped alike
+    flipped = {axis: 0 for axis in range(3)}
+    for item, item_labels in zip(source[:, 0], labels[:, 0], strict=True):
+        matched = [f for f in ((), (0,), (2,), (0, 2)) if np.array_equal(item, np.flip(code, axis=f) if f else code)]
+        assert len(matched) == 1  # exactly one combination of the listed axes, never axis 1
+        np.testing.assert_array_equal(item_labels, np.flip(label, axis=matched[0]) if matched[0] else label)
+        for axis in matched[0]:
+            flipped[axis] += 1
+    assert flipped[1] == 0 and 0.4 < flipped[0] / 400 < 0.6 and 0.4 < flipped[2] / 400 < 0.6
+    plain = PatchSampler([subject], (3, 3, 3), per_step=5).sample(np.random.default_rng(1))["source"]
+    off = PatchSampler([subject], (3, 3, 3), per_step=5, flip_axes=()).sample(np.random.default_rng(1))["source"]
+    np.testing.assert_array_equal(plain, off)
+
+
+def test_flip_axes_are_checked() -> None:
+    from volsynth.errors import ConfigError
+    from volsynth.experiment import load_config
+
+    assert load_config("regression_unet-cpu", ["data.sampling.flip_axes=[0]"]).data.sampling.flip_axes == (0,)
+    with pytest.raises(ConfigError, match=r"flip_axes must be distinct axes among 0, 1, 2"):
+        load_config("regression_unet-cpu", ["data.sampling.flip_axes=[3]"])
+
+def test_flipped_slabs_mirror_the_named_canonical_axis() -> None:
+    """A slab's arrays are (H, W, D) with the slice axis last: canonical axis 2 (the slice axis here) flips D,
+    canonical axis 0 flips H; the pair stays aligned."""
+    shape = (4, 5, 6)
+    code = np.arange(np.prod(shape), dtype=np.float64).reshape(shape) + 1
+    subject = PreparedSubject("s", code, code * 10, None, None, None,  # type: ignore[arg-type]
+                              {"pair": np.arange(code.size)})
+    for axis, position in ((2, 2), (0, 0)):
+        sampler = SlabSampler([subject], axis=2, depth="all", in_plane=(4, 5), per_step=200, flip_axes=(axis,))
+        items = sampler.sample(np.random.default_rng(0))
+        np.testing.assert_array_equal(items["target"], items["source"] * 10)
+        flips = [np.array_equal(item, np.flip(code, position)) for item in items["source"][:, 0]]
+        plain = [np.array_equal(item, code) for item in items["source"][:, 0]]
+        assert all(f != p for f, p in zip(flips, plain, strict=True)) and 0.4 < np.mean(flips) < 0.6

@@ -95,6 +95,9 @@ class SamplingConfig:
     # patch: chance an item is centred on a voxel of one class of the `labels` map, the class drawn uniformly among
     # those in the subject (nnU-Net's oversampling; rare structures such as lesions are seen as often as big ones).
     class_probability: float = 0.0
+    # Mirror each item (patch or slab) along each of these axes (canonical orientation; 0 = left-right) with chance
+    # 1/2, source, target, mask and labels together (nnU-Net's mirroring / MONAI's RandFlipd). () = off.
+    flip_axes: tuple[int, ...] = ()
     labels: str | None = None  # a manifest label map that travels with the batch on both sides: label | tissue
     # A subject without that map: "error" (refuse, naming it) or "segment" (tissue maps from the built-in GMM
     # segmenter on the source image within the subject's mask; CSF/GM/WM Dice 0.6–0.75 on the phantom).
@@ -400,6 +403,8 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     require(sampling.class_probability == 0 or (sampling.labels is not None and sampling.kind == "patch"),
             "data.sampling.class_probability", "0 unless data.sampling.labels names a label map and kind is patch",
             sampling.class_probability)
+    require(len(set(sampling.flip_axes)) == len(sampling.flip_axes) and set(sampling.flip_axes) <= {0, 1, 2},
+            "data.sampling.flip_axes", "distinct axes among 0, 1, 2", list(sampling.flip_axes))
     require(data.spacing is None or (len(data.spacing) == 3 and all(s > 0 for s in data.spacing)),
              "data.spacing", "three positive numbers (mm) or null", data.spacing)
     require(data.percentiles[0] < data.percentiles[1] and 0 <= data.percentiles[0] and data.percentiles[1] <= 100,

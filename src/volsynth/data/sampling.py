@@ -115,9 +115,10 @@ class PatchSampler:
 
     def __init__(self, subjects: Sequence[PreparedSubject], patch_size: Sequence[int], *, per_step: int = 3,
                  foreground_probability: float = 1.0, class_probability: float = 0.0, paired: bool = True,
-                 threshold: float = 0.1) -> None:
+                 threshold: float = 0.1, flip_axes: Sequence[int] = ()) -> None:
         if not subjects:
             raise DataError("no training subjects to sample patches from")
+        self.flip_axes = tuple(int(a) for a in flip_axes)
         self.subjects = list(subjects)
         self.patch_size = tuple(int(p) for p in patch_size)
         self.per_step = per_step
@@ -154,7 +155,12 @@ class PatchSampler:
         return _stack([window(array, s, self.patch_size) for s in starts], dtype) if array is not None else None
 
     def sample(self, rng: np.random.Generator) -> Items:
-        """One step's patches: float32 ``(B, 1, *patch)`` images, int64 label maps, or None."""
+        """One step's patches: float32 ``(B, 1, *patch)`` images, int64 label maps, or None; each item mirrored
+        along each of ``flip_axes`` with chance 1/2 (all its arrays alike)."""
+        items = self._sample(rng)
+        return mirror_items(items, self.flip_axes, rng) if self.flip_axes else items
+
+    def _sample(self, rng: np.random.Generator) -> Items:
         subject = self.subjects[int(rng.integers(len(self.subjects)))]
         if self.paired:
             starts = self._starts(subject, "pair", rng)
@@ -171,6 +177,20 @@ class PatchSampler:
                 "target_label": self._crop(other.label, target_starts, np.int64)}
 
 
+def mirror_items(items: Items, axes: Sequence[int], rng: np.random.Generator) -> Items:
+    """Flip item ``b`` of every ``(B, 1, X, Y, Z)`` array in ``items`` along spatial axis ``a`` when a draw of
+    ``rng`` (one per item and axis, in that order) is below 1/2. The source, target, mask and labels of an item
+    are flipped alike, so a pair stays aligned. The input arrays are left as they are."""
+    out = {key: (None if array is None else array.copy()) for key, array in items.items()}
+    present = [array for array in out.values() if array is not None]
+    for b in range(present[0].shape[0] if present else 0):
+        for axis in axes:
+            if rng.random() < 0.5:
+                for array in present:
+                    array[b] = np.flip(array[b], axis=1 + axis).copy()  # a copy: source and destination overlap
+    return out
+
+
 class SlabSampler:
     """Slabs of ``depth`` slices along ``axis`` (``"all"``: the whole volume), each from its own subject.
 
@@ -181,7 +201,7 @@ class SlabSampler:
 
     def __init__(self, subjects: Sequence[PreparedSubject], *, axis: int = 2, depth: int | str = 1,
                  in_plane: Sequence[int] = (64, 64), per_step: int = 3, foreground_probability: float = 1.0,
-                 paired: bool = True, threshold: float = 0.1) -> None:
+                 paired: bool = True, threshold: float = 0.1, flip_axes: Sequence[int] = ()) -> None:
         if not subjects:
             raise DataError("no training subjects to sample slabs from")
         self.subjects = list(subjects)
@@ -194,6 +214,8 @@ class SlabSampler:
         self.threshold = threshold
         self.targets = _target_subjects(self.subjects, paired)
         self.plane_axes = [a for a in range(3) if a != self.axis]
+        # Canonical axes → positions in a (H, W, D) slab (the slice axis is moved last).
+        self.flip_positions = tuple(self.plane_axes.index(a) if a in self.plane_axes else 2 for a in flip_axes)
 
     def _item(self, subject: PreparedSubject, key: str, rng: np.random.Generator) -> tuple[int, ...]:
         """Start index per axis (in the subject's own axis order) of one slab."""
@@ -223,7 +245,12 @@ class SlabSampler:
         return np.moveaxis(block, self.axis, -1).astype(dtype)  # type: ignore[union-attr]
 
     def sample(self, rng: np.random.Generator) -> Items:
-        """One step's slabs: float32 ``(B, 1, H, W, D)`` images, int64 label maps, or None."""
+        """One step's slabs: float32 ``(B, 1, H, W, D)`` images, int64 label maps, or None; each item mirrored
+        along each of ``flip_axes`` with chance 1/2 (all its arrays alike)."""
+        items = self._sample(rng)
+        return mirror_items(items, self.flip_positions, rng) if self.flip_positions else items
+
+    def _sample(self, rng: np.random.Generator) -> Items:
         picks = []
         for _ in range(self.per_step):
             subject = self.subjects[int(rng.integers(len(self.subjects)))]
@@ -250,9 +277,9 @@ def build_sampler(sampling: SamplingConfig, subjects: Sequence[PreparedSubject],
         return PatchSampler(subjects, sampling.patch_size, per_step=sampling.per_step,
                             foreground_probability=sampling.foreground_probability,
                             class_probability=sampling.class_probability, paired=paired,
-                            threshold=sampling.foreground_threshold)
+                            threshold=sampling.foreground_threshold, flip_axes=sampling.flip_axes)
     if sampling.kind == "slab":
         return SlabSampler(subjects, axis=sampling.axis, depth=sampling.depth, in_plane=sampling.in_plane,
                            per_step=sampling.per_step, foreground_probability=sampling.foreground_probability,
-                           paired=paired, threshold=sampling.foreground_threshold)
+                           paired=paired, threshold=sampling.foreground_threshold, flip_axes=sampling.flip_axes)
     raise ConfigError(f"data.sampling.kind: unknown kind {sampling.kind!r}")
