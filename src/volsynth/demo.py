@@ -136,15 +136,11 @@ def check_finished_run(run: RunFolder, config: ExperimentConfig, out: Path) -> N
     config (resolved later by the trainer, such as the task) is not compared."""
     if not run.last.is_file():
         return
-    from volsynth.experiment import checkpoint_config, load_checkpoint
-    from volsynth.training.trainer import flat_config
+    from volsynth.training.trainer import changed_settings
 
-    saved = flat_config(checkpoint_config(load_checkpoint(run.last), run.last))
-    wanted = flat_config(config)
-    changed = sorted(k for k, v in wanted.items()
-                     if v is not None and k not in _REPORTING_KEYS and saved.get(k) != v)
+    changed = changed_settings(run.last, config, ignore=_REPORTING_KEYS, skip_unset=True)
     if changed:
-        detail = "; ".join(f"{k} {saved.get(k)!r} → {wanted[k]!r}" for k in changed[:4])
+        detail = "; ".join(f"{k} {old!r} → {new!r}" for k, (old, new) in list(changed.items())[:4])
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise OutputError(f"{run.root} was trained with other settings than this demo's ({detail}{more}); its "
                           f"scores would not be this version's. Choose another --out or remove {out}")

@@ -73,6 +73,16 @@ def flat_config(config: ExperimentConfig) -> dict[str, Any]:
     return out
 
 
+def changed_settings(checkpoint: Path, config: ExperimentConfig, *, ignore: tuple[str, ...] = (),
+                     skip_unset: bool = False) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (saved, new)}`` for the settings ``config`` changes relative to the config saved in
+    ``checkpoint``, sorted by key. Keys in ``ignore`` are not compared, nor (``skip_unset``) keys that are ``None``
+    in ``config``: a config not yet through the trainer leaves e.g. the task unresolved."""
+    saved = flat_config(checkpoint_config(load_checkpoint(checkpoint), checkpoint))
+    return {k: (saved.get(k), v) for k, v in sorted(flat_config(config).items())
+            if k not in ignore and not (skip_unset and v is None) and saved.get(k) != v}
+
+
 def higher_is_better(metric: str) -> bool:
     return not any(metric == k or metric.endswith(f"_{k}") for k in LOWER_IS_BETTER)
 
@@ -131,11 +141,9 @@ class Trainer:
         if self.resume:
             if not run.last.is_file():
                 raise CheckpointError(f"{run.last}: nothing to resume from")
-            saved = flat_config(checkpoint_config(load_checkpoint(run.last), run.last))
-            changed = sorted(k for k, v in flat_config(self.config).items()
-                             if k not in RESUMABLE_KEYS and saved.get(k) != v)
+            changed = changed_settings(run.last, self.config, ignore=RESUMABLE_KEYS)
             if changed:
-                detail = ", ".join(f"{k}: {saved.get(k)!r} → {flat_config(self.config)[k]!r}" for k in changed[:6])
+                detail = ", ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in list(changed.items())[:6])
                 raise ConfigError(f"--resume would change {', '.join(changed)} ({detail}); a run keeps its data, split "
                                   "and optimiser settings: start a new --out instead")
             saved_splits = json.loads(run.splits.read_text()) if run.splits.is_file() else None
