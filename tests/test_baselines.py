@@ -439,6 +439,21 @@ def test_resunet_patchgan_loss_weights() -> None:
     assert losses["generator"] == pytest.approx(math.log(2) + 100 * losses["l1"], rel=1e-5)
 
 
+@pytest.mark.parametrize("loss", ["l1", "mse"])
+def test_regression_unet_step_minimises_its_configured_distance(loss: str) -> None:
+    """method.loss picks the voxel loss: the logged value is |synthetic − target| or its square, averaged."""
+    from volsynth.methods.regression_unet import RegressionUNetConfig
+
+    torch.manual_seed(0)
+    method = build_method(RegressionUNetConfig(channels=(4, 8), strides=(2,), num_res_units=0, norm=None,
+                                               loss=loss, output="linear"))  # type: ignore[arg-type]
+    batch = random_batch(8, 1)
+    with torch.no_grad():
+        error = method(batch.source) - batch.target
+    expected = (error.abs() if loss == "l1" else error ** 2).mean().item()
+    assert method.train_step(batch, context(method))["loss"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_eagan_loss_weights_and_ramp_in_step() -> None:
     # LSGAN with D ≡ 0.5: D loss 0.25, G adversarial 0.25; λ_L1 = 300; the edge weight follows the ramp.
     torch.manual_seed(0)

@@ -30,6 +30,7 @@ from volsynth.losses.contrastive import (
     supervised_contrastive_loss,
 )
 from volsynth.methods import Batch, StepContext, build_method
+from volsynth.methods.base import fold_slices, to_network_scale
 from volsynth.methods.hifisyn import (
     LOSS_TERMS,
     HiFiSyn,
@@ -404,7 +405,9 @@ def test_presets_load_and_describe_the_paper() -> None:
     assert (method.lambda_content_adversarial, method.lambda_domain_adversarial, method.lambda_cycle,
             method.lambda_self_reconstruction) == (1.0, 1.0, 10.0, 10.0)
     assert method.memory_old_weight == 0.01 and method.memory_class_items == [2, 2, 3, 3]
+    assert method.self_reconstruction_attribute == "encoder"  # Eq. 14 as printed
     cpu = load_config("hifisyn-cpu")
+    assert cpu.method.self_reconstruction_attribute == "memory"  # the CPU preset's measured deviation
     cpu_method = build_method(cpu.method)
     cpu_method.check_data(cpu.data)
     counts = sum(cpu_method.parameter_counts().values())
@@ -520,3 +523,30 @@ def test_hifisyn_cpu_training_reduces_reconstruction_and_translation_error(tmp_p
           f"trained {after:.4f}; tissue Dice {dice:.3f}")
     assert last < 0.6 * first
     assert after < 0.7 * before
+
+
+@pytest.mark.parametrize("mode", ["encoder", "memory"])
+def test_self_reconstruction_attribute_is_the_encoder_map_or_the_memory_read(mode: str) -> None:
+    """Eq. 14 as printed decodes E^a(m); the "memory" option decodes the read the translations use, so no gradient
+    of the self-reconstruction reaches the attribute encoders."""
+    method = tiny_method(self_reconstruction_attribute=mode, content_noise_std=0.0)
+    batch = tiny_batch()
+    source = to_network_scale(fold_slices(batch.source))
+    target = to_network_scale(fold_slices(batch.target))
+    source_labels = method.content_labels(batch.source_label)
+    target_labels = method.content_labels(batch.target_label)
+    terms, kept = method.generator_terms(source, target, source_labels, target_labels, None)
+    if mode == "memory":
+        by_hand = [method.translate_content(kept["z_source"], 0, source_labels),
+                   method.translate_content(kept["z_target"], 1, target_labels)]
+    else:
+        by_hand = [method.generator(kept["z_source"], kept["a_source"], 0),
+                   method.generator(kept["z_target"], kept["a_target"], 1)]
+    expected = (by_hand[0] - source).abs().mean() + (by_hand[1] - target).abs().mean()
+    assert terms["self_reconstruction"].item() == pytest.approx(expected.item(), rel=1e-6)
+    terms["self_reconstruction"].backward()
+    grads = [p.grad for p in method.attribute_encoder.parameters()]
+    if mode == "memory":
+        assert all(g is None for g in grads)
+    else:
+        assert any(g is not None and g.abs().sum() > 0 for g in grads)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from volsynth.losses.voxel import multires_l1
+from volsynth.losses.voxel import multires_voxel_loss
 from volsynth.nets.blocks import CBAM, RRDB, ResidualDenseBlock, make_pyramid
 from volsynth.nets.discriminators import BinaryDiscriminator, MultiResUNetDiscriminator
 from volsynth.nets.mdaunet import MDAUNet, count_parameters
@@ -138,7 +138,7 @@ def test_clip_activation_can_kill_all_gradients_but_linear_heads_do_not() -> Non
         net = MDAUNet(3, output_activation=activation, **TINY)
         for head in net.heads.values():
             head.bias.data.fill_(-10.0)  # an all-negative initial output
-        multires_l1(net(source), target).backward()
+        multires_voxel_loss(net(source), target).backward()
         grads[activation] = sum(float(p.grad.abs().sum()) for p in net.parameters() if p.grad is not None)
     assert grads["clip"] == 0.0
     assert grads["none"] > 0.0
@@ -170,14 +170,20 @@ def test_binary_discriminator_gives_one_logit_per_sample() -> None:
     assert tuple(out["level_0"].shape) == (3, 1)
 
 
-def test_multires_l1_closed_form_with_nearest_targets() -> None:
+def test_multires_voxel_loss_closed_form_with_nearest_targets() -> None:
     target = torch.arange(8.0 ** 3).reshape(1, 1, 8, 8, 8) / 512
     outputs = {f"level_{k}": torch.zeros(1, 1, *(8 // 2**k,) * 3) for k in range(4)}
     # Nearest down-sampling keeps the even-index voxels (index 2i at level 1, 4i at level 2, ...).
     expected = [float(target[..., :: 2**k, :: 2**k, :: 2**k].mean()) for k in range(4)]
     weights = (1.0, 0.5, 2.0, 0.0)
-    value = multires_l1(outputs, target, weights)
+    value = multires_voxel_loss(outputs, target, weights)
     assert value.item() == pytest.approx(sum(w * e for w, e in zip(weights, expected, strict=True)), rel=1e-6)
     # Tuples are read in level order; a bare tensor is level 0 only.
-    assert multires_l1(tuple(outputs.values()), target, weights).item() == pytest.approx(value.item())
-    assert multires_l1(outputs["level_0"], target).item() == pytest.approx(expected[0])
+    assert multires_voxel_loss(tuple(outputs.values()), target, weights).item() == pytest.approx(value.item())
+    assert multires_voxel_loss(outputs["level_0"], target).item() == pytest.approx(expected[0])
+    # Squared error on zero outputs is the mean of the squared (nearest-sampled) targets at each level.
+    squared = [float((target[..., :: 2**k, :: 2**k, :: 2**k] ** 2).mean()) for k in range(4)]
+    assert multires_voxel_loss(outputs, target, weights, distance="mse").item() == pytest.approx(
+        sum(w * e for w, e in zip(weights, squared, strict=True)), rel=1e-6)
+    with pytest.raises(ValueError, match="voxel distance"):
+        multires_voxel_loss(outputs, target, weights, distance="huber")

@@ -1,4 +1,4 @@
-"""Multi-resolution voxel loss (Ha et al. §3.3, Eq. 3; juhha/3D-mADUNet): L1 at every output level, summed."""
+"""Multi-resolution voxel loss (Ha et al. §3.3, Eq. 3; juhha/3D-mADUNet): L1 (or MSE) at every output level, summed."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from volsynth.nets.blocks import resize
+
+_DISTANCES = {"l1": F.l1_loss, "mse": F.mse_loss}
 
 
 def as_level_dict(outputs: Mapping[str, Tensor] | Sequence[Tensor] | Tensor) -> dict[str, Tensor]:
@@ -23,20 +25,26 @@ def as_level_dict(outputs: Mapping[str, Tensor] | Sequence[Tensor] | Tensor) -> 
     return {f"level_{k}": t for k, t in enumerate(outputs)}
 
 
-def multires_l1(outputs: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, target: Tensor,
-                weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), *, mode: str = "nearest") -> Tensor:
-    """Σ_k w_k · mean |output_k − resample(target, size_k)| over the levels present in ``outputs``.
+def multires_voxel_loss(outputs: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, target: Tensor,
+                        weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0), *, distance: str = "l1",
+                        mode: str = "nearest") -> Tensor:
+    """Σ_k w_k · mean d(output_k, resample(target, size_k)) over the levels present in ``outputs``.
 
     Args:
         outputs: per-level predictions ``level_k`` of shape ``(B, C, *spatial / 2**k)`` (dict, tuple in level
             order, or one full-resolution tensor).
         target: ``(B, C, *spatial)`` full-resolution target on the same intensity scale.
         weights: per-level weights indexed by level (the release: 1 each, summed — not averaged).
+        distance: ``"l1"`` (the paper: |a − b|) or ``"mse"`` ((a − b)²: the conditional mean, what PSNR and NMSE
+            score).
         mode: how the target is brought to each level's size; ``nearest`` as the release.
 
     Returns:
-        Scalar fp32 loss in target intensity units (mean absolute error per level, weighted sum).
+        Scalar fp32 loss: per-level mean absolute error (target intensity units) or mean squared error (units²),
+        weighted sum.
     """
+    if distance not in _DISTANCES:
+        raise ValueError(f"Unknown voxel distance {distance!r}; expected one of {sorted(_DISTANCES)}")
     levels = as_level_dict(outputs)
     total = torch.zeros((), device=target.device, dtype=torch.float32)
     for key, prediction in levels.items():
@@ -46,5 +54,5 @@ def multires_l1(outputs: Mapping[str, Tensor] | Sequence[Tensor] | Tensor, targe
         if weights[level] == 0:
             continue
         reference = resize(target, prediction.shape[2:], mode)
-        total = total + weights[level] * F.l1_loss(prediction.float(), reference.float())
+        total = total + weights[level] * _DISTANCES[distance](prediction.float(), reference.float())
     return total

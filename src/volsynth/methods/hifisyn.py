@@ -7,7 +7,8 @@ map per side (``data.sampling.labels``). Per iteration, for sources ``m_i`` and 
    attributes ``z^a = E^a(m)`` (spatial, per pixel, unit norm; :mod:`volsynth.nets.drit`);
 2. first translation: ``m_{i→j} = G_j(z^c_i, z̄^a)`` with ``z̄^a`` read from the memory with the queries ``z^c_i``
    and the **target** domain's values (shared keys, domain-specific values [HFS Fig. 3]); symmetrically ``m_{j→i}``;
-3. self-reconstruction ``G_i(z^c_i, z^a_i)`` with the encoder's own attribute [HFS Eq. 14];
+3. self-reconstruction ``G_i(z^c_i, z^a_i)`` with the encoder's own attribute [HFS Eq. 14] (or, as an option, the
+   memory read of step 2 with the image's own domain: ``self_reconstruction_attribute``);
 4. second translation (DRIT++ cross-cycle): ``m̂_i = G_i(z^c_{i→j}, z̄^a)`` with ``z^c_{i→j} = E^c_j(m_{i→j})`` and
    a read of the source domain's values (labels of ``m_i``: the anatomy is the same);
 5. generator loss [HFS Eq. 17]: ``λ1·L_cont + λ2·L_dom + λ3·L1_cyc + λ4·L1_self + λ5·L_PGD + λ6·L_SGD + λ7·L_GGD``
@@ -108,6 +109,11 @@ class HiFiSynConfig(MethodConfig):
     # Label values without their own memory class (e.g. tumour 4–6 with the 4-class layout) count as this one.
     unlisted_label_class: int = 3
     detach_read_weights: bool = False  # true: memory reads pass no gradient to the content queries (as MGUIT)
+    # Attribute of the self-reconstruction G_i(z^c_i, ·): "encoder" = E^a_i(m_i), Eq. 14 as printed (default).
+    # "memory" (a DEVIATION) = the memory read the translations use (own domain's values, own labels). Why: E^a is
+    # spatial here (the bank's per-pixel values need it), so E^a_i(m_i) carries the image's anatomy and λ4 = 10 teaches
+    # the generators to decode from it, which no test-time read supplies (benchmarks/RESULTS.md, HiFi-Syn).
+    self_reconstruction_attribute: Literal["encoder", "memory"] = "encoder"
     # Loss weights [HFS Eq. 17, §4.2]; λ1–4 as DRIT++'s code.
     lambda_content_adversarial: float = 1.0
     lambda_domain_adversarial: float = 1.0
@@ -283,8 +289,12 @@ class HiFiSyn(TranslationMethod):
         a_target = self.attribute_encoder[TARGET](target)
         synthetic_target = self.translate_content(z_source, TARGET, source_labels)  # m_{i→j}
         synthetic_source = self.translate_content(z_target, SOURCE, target_labels)  # m_{j→i}
-        self_source = self.generator(z_source, a_source, SOURCE)
-        self_target = self.generator(z_target, a_target, TARGET)
+        if cfg.self_reconstruction_attribute == "memory":
+            self_source = self.translate_content(z_source, SOURCE, source_labels)
+            self_target = self.translate_content(z_target, TARGET, target_labels)
+        else:
+            self_source = self.generator(z_source, a_source, SOURCE)
+            self_target = self.generator(z_target, a_target, TARGET)
         z_synthetic_target = self.encode_content(synthetic_target, TARGET, generator)  # z^c_{m_{i→j}}
         z_synthetic_source = self.encode_content(synthetic_source, SOURCE, generator)  # z^c_{m_{j→i}}
         cycled_source = self.translate_content(z_synthetic_target, SOURCE, source_labels)

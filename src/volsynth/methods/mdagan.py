@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from volsynth.config import ConfigError, MethodConfig, TrainConfig
 from volsynth.losses.perception import PerceptionLoss25D
 from volsynth.losses.relativistic import multilevel_loss
-from volsynth.losses.voxel import multires_l1
+from volsynth.losses.voxel import multires_voxel_loss
 from volsynth.methods.base import METHODS, Batch, StepContext, TranslationMethod, adam, set_requires_grad
 from volsynth.nets.blocks import make_pyramid
 from volsynth.nets.discriminators import BinaryDiscriminator, MultiResUNetDiscriminator
@@ -88,6 +88,9 @@ class VoxelLossConfig:
 
     weight: float = 1.0  # λ1
     level_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)  # summed over levels, as the release
+    # l1 = the paper. mse = squared error, whose minimiser is the conditional mean that PSNR/NMSE reward where the
+    # source is ambiguous (L1's median picks one mode; the CPU preset says what it measured).
+    distance: Literal["l1", "mse"] = "l1"
 
 
 @dataclass
@@ -310,7 +313,7 @@ class MDAGAN(TranslationMethod):
 
         zero = torch.zeros((), device=target.device)
         with ctx.autocast():
-            l1 = multires_l1(outputs, target, cfg.voxel.level_weights)
+            voxel = multires_voxel_loss(outputs, target, cfg.voxel.level_weights, distance=cfg.voxel.distance)
             perception = (self.perception(outputs[level_key(0)], target, generator=ctx.generator)
                           if self.perception is not None else zero)
             adv_g = zero
@@ -318,11 +321,11 @@ class MDAGAN(TranslationMethod):
                 # Frozen D: the backward still flows through D to G, but computes no D weight gradients.
                 set_requires_grad(self.discriminator, False)
                 adv_g = self.generator_adversarial_loss(outputs, target)
-            total = cfg.voxel.weight * l1 + cfg.perception.weight * perception + cfg.adversarial.weight * adv_g
+            total = cfg.voxel.weight * voxel + cfg.perception.weight * perception + cfg.adversarial.weight * adv_g
         try:
             ctx.step(total, "generator")
         finally:
             if self.discriminator is not None:
                 set_requires_grad(self.discriminator, True)
-        return {"l1": float(l1.detach()), "perception": float(perception.detach()), "adv_g": float(adv_g.detach()),
-                "adv_d": float(adv_d.detach()), "total": float(total.detach())}
+        return {cfg.voxel.distance: float(voxel.detach()), "perception": float(perception.detach()),
+                "adv_g": float(adv_g.detach()), "adv_d": float(adv_d.detach()), "total": float(total.detach())}

@@ -1,7 +1,8 @@
-"""Supervised regression UNet (L1): the baseline every GAN must beat.
+"""Supervised regression UNet (L1, or MSE): the baseline every GAN must beat.
 
 The SynthRAD 2023/2025 challenges were won by plain supervised UNets (see ecosystem notes); this is MONAI's
-residual ``UNet`` trained with L1 only, on the same patches, trainer and inference as every other method.
+residual ``UNet`` trained with one voxel loss only (L1 as those winners; ``loss: mse`` for the conditional mean
+that PSNR/NMSE score), on the same patches, trainer and inference as every other method.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class RegressionUNetConfig(MethodConfig):
     # MONAI norm name; instance norm is the nnU-Net default for 3D patches; null = none (no batch or sample coupling)
     norm: str | None = "instance"
     dropout: float = 0.0
-    loss: Literal["l1", "mse"] = "l1"
+    loss: Literal["l1", "mse"] = "l1"  # l1: the median of the target given the source; mse: its mean
     # sigmoid squashes to [0, 1] (no hard clip that can zero all gradients); linear leaves the output free during
     # training (no saturation while the background is learnt) and clips only in translate.
     output: Literal["sigmoid", "linear"] = "sigmoid"
@@ -42,10 +43,10 @@ class RegressionUNetConfig(MethodConfig):
 
 @METHODS.register("regression_unet")
 class RegressionUNet(TranslationMethod):
-    """MONAI residual UNet, L1 to the target, output squashed by a sigmoid to [0, 1]."""
+    """MONAI residual UNet, L1 (or MSE) to the target, output squashed by a sigmoid to [0, 1] (or linear)."""
 
     config_class = RegressionUNetConfig
-    description = "Supervised 3D UNet with L1 loss (MONAI UNet); the SynthRAD-winning baseline"
+    description = "Supervised 3D UNet with an L1 (or MSE) loss (MONAI UNet); the SynthRAD-winning baseline"
 
     def __init__(self, config: RegressionUNetConfig, *, spatial_dims: int = 3) -> None:
         super().__init__(config, spatial_dims=spatial_dims)
