@@ -10,7 +10,8 @@ from torch import Tensor
 
 from volsynth.nets.blocks import resize
 
-_DISTANCES = {"l1": F.l1_loss, "mse": F.mse_loss}
+VOXEL_DISTANCES = {"l1": F.l1_loss, "mse": F.mse_loss}
+"""Voxel-wise distances by config name: mean |a − b| (the median's loss) or mean (a − b)² (the mean's)."""
 
 
 def as_level_dict(outputs: Mapping[str, Tensor] | Sequence[Tensor] | Tensor) -> dict[str, Tensor]:
@@ -43,8 +44,8 @@ def multires_voxel_loss(outputs: Mapping[str, Tensor] | Sequence[Tensor] | Tenso
         Scalar fp32 loss: per-level mean absolute error (target intensity units) or mean squared error (units²),
         weighted sum.
     """
-    if distance not in _DISTANCES:
-        raise ValueError(f"Unknown voxel distance {distance!r}; expected one of {sorted(_DISTANCES)}")
+    if distance not in VOXEL_DISTANCES:
+        raise ValueError(f"Unknown voxel distance {distance!r}; expected one of {sorted(VOXEL_DISTANCES)}")
     levels = as_level_dict(outputs)
     total = torch.zeros((), device=target.device, dtype=torch.float32)
     for key, prediction in levels.items():
@@ -54,5 +55,5 @@ def multires_voxel_loss(outputs: Mapping[str, Tensor] | Sequence[Tensor] | Tenso
         if weights[level] == 0:
             continue
         reference = resize(target, prediction.shape[2:], mode)
-        total = total + weights[level] * _DISTANCES[distance](prediction.float(), reference.float())
+        total = total + weights[level] * VOXEL_DISTANCES[distance](prediction.float(), reference.float())
     return total

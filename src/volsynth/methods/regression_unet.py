@@ -12,13 +12,13 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.networks.nets import UNet
 from monai.networks.utils import eval_mode
 from torch import Tensor
 
 from volsynth.config import MethodConfig, TrainConfig
 from volsynth.errors import ConfigError
+from volsynth.losses.voxel import VOXEL_DISTANCES
 from volsynth.methods.base import METHODS, Batch, StepContext, TranslationMethod, adam
 
 
@@ -77,8 +77,7 @@ class RegressionUNet(TranslationMethod):
     def train_step(self, batch: Batch, ctx: StepContext) -> dict[str, float]:
         with ctx.autocast():
             synthetic = self(batch.source)
-            distance = F.l1_loss if self.config.loss == "l1" else F.mse_loss
-            loss = distance(synthetic.float(), batch.target)
+            loss = VOXEL_DISTANCES[self.config.loss](synthetic.float(), batch.target)
         ctx.step(loss, "generator")
         return {"loss": float(loss.detach())}
 
