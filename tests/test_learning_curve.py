@@ -27,7 +27,8 @@ def test_correlation_is_pearsons_and_zero_for_a_constant(script: ModuleType) -> 
 
 
 @pytest.mark.slow
-def test_curve_resumes_one_run_and_scores_the_test_subject(script: ModuleType, tmp_path: Path) -> None:
+def test_curve_resumes_one_run_and_scores_the_test_subject(script: ModuleType, tmp_path: Path,
+                                                            benchmark_script: Callable[[str], ModuleType]) -> None:
     from volsynth.data.phantom import make_phantom_cohort
     from volsynth.experiment import load_checkpoint
 
@@ -60,3 +61,22 @@ def test_curve_resumes_one_run_and_scores_the_test_subject(script: ModuleType, t
     assert -1 <= last["source_correlation"] <= 1
 
     assert script.main(argv) == 2  # the run folder exists now: never trained into twice
+
+    # benchmarks/content_probe.py reads the same run: one code per content pixel inside the brain, per domain.
+    from volsynth.methods.hifisyn import DOWNSAMPLE
+
+    probe = benchmark_script("content_probe")
+    codes = probe.content_codes(run, manifest, "t1", "t2")
+    assert set(codes) == {(d, s) for d in probe.DOMAINS for s in ("train", "test")}
+    features, classes = codes[("target", "test")]
+    assert features.shape == (classes.size, 32) and set(np.unique(classes)) <= {1, 2, 3}  # hifisyn-cpu: 4 × 8
+    # The test subject's labels pooled by hand: tumour labels as WM, x/y padded to multiples of 8, then the most
+    # frequent class in each DOWNSAMPLE² block of each axial slice (ties to the lower class), background dropped.
+    labels = np.minimum(np.asarray(nib.load(manifest.parent / test["tissue"]).dataobj).astype(np.int64), 3)
+    labels = np.pad(labels, ((0, -labels.shape[0] % 8), (0, -labels.shape[1] % 8), (0, 0)))
+    x, y, z = labels.shape
+    blocks = labels.reshape(x // DOWNSAMPLE, DOWNSAMPLE, y // DOWNSAMPLE, DOWNSAMPLE, z)
+    counts = np.stack([(blocks == k).sum(axis=(1, 3)) for k in range(4)])
+    pooled = counts.argmax(axis=0)
+    assert classes.size == np.count_nonzero(pooled)
+    assert np.array_equal(np.bincount(classes, minlength=4), np.bincount(pooled.ravel(), minlength=4) * [0, 1, 1, 1])
