@@ -217,3 +217,34 @@ def ggd_loss(contents: Tensor, groups: Tensor, temperature: float = 0.07, *, red
     """
     return supervised_contrastive_loss(contents.flatten(1), groups, temperature, reduction=reduction)
 
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Class-key alignment (NOT IN PAPER; an option of hifisyn, off by default)
+
+
+def class_key_alignment_loss(similarity: Tensor, item_class: Tensor, labels: Tensor, num_classes: int,
+                             temperature: float = 0.1) -> Tensor:
+    """Cross-entropy of each content pixel's tissue class, read from its cosine to the memory's class keys.
+
+    Why: the memory bank's keys are shared by both domains and updated from both domains' contents by class, so
+    they are class prototypes common to the two content encoders. Pulling every labelled content pixel towards its
+    own class's keys (and away from the other classes') gives the encoders the correspondence the content
+    discriminator cannot: that one matches the two domains' distributions, which still allows pairing CSF with WM
+    (benchmarks/RESULTS.md, HiFi-Syn, fourth session).
+
+    Args:
+        similarity: ``(B, *S, T)`` cosine of every content pixel with every key (unitless, [−1, 1]).
+        item_class: ``(T,)`` class of each item; negative = a global (label-free) item, left out.
+        labels: ``(B, *S)`` class of each pixel in ``[0, num_classes)``.
+        num_classes: K; every class needs at least one item.
+        temperature: τ of the logits ``cos / τ``.
+
+    Returns:
+        Mean over pixels of ``−log p(label)``, where ``p(k) ∝ Σ_{t: class t = k} exp(cos_t / τ)`` (nats).
+    """
+    structure = item_class >= 0
+    owners = item_class[structure]
+    logits = similarity[..., structure] / temperature
+    per_class = torch.stack([torch.logsumexp(logits[..., owners == k], dim=-1) for k in range(num_classes)], dim=1)
+    return F.cross_entropy(per_class, labels.long())

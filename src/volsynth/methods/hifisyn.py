@@ -13,7 +13,8 @@ map per side (``data.sampling.labels``). Per iteration, for sources ``m_i`` and 
    a read of the source domain's values (labels of ``m_i``: the anatomy is the same);
 5. generator loss [HFS Eq. 17]: ``λ1·L_cont + λ2·L_dom + λ3·L1_cyc + λ4·L1_self + λ5·L_PGD + λ6·L_SGD + λ7·L_GGD``
    with λ1–4 = 1, 1, 10, 10 (DRIT++'s code) and λ5–7 = 1, 2, 1 [HFS §4.2]; no KL, latent-regression or
-   mode-seeking term (not in Eq. 17);
+   mode-seeking term (not in Eq. 17); optionally (NOT IN PAPER, ``lambda_key_alignment``, off by default) a
+   class-key alignment term that pulls both domains' labelled contents towards their class's shared memory keys;
 6. memory update (Eqs. 4–6) without gradient from this iteration's detached contents and attributes;
 7. domain discriminators (BCE, real vs detached translation, summed as DRIT++) and the content discriminator
    (source contents → 0, target contents → 1; the encoders aim at 0.5 [Eq. 15 as in DRIT++'s code]).
@@ -51,7 +52,7 @@ from volsynth.config import DataConfig, InferenceConfig, MethodConfig, TrainConf
 from volsynth.config import require as check
 from volsynth.errors import ConfigError
 from volsynth.inferers import Inferer, SlabInferer
-from volsynth.losses.contrastive import ggd_loss, pgd_loss, sgd_loss
+from volsynth.losses.contrastive import class_key_alignment_loss, ggd_loss, pgd_loss, sgd_loss
 from volsynth.losses.gan import adversarial_loss
 from volsynth.methods.base import (
     METHODS,
@@ -132,6 +133,12 @@ class HiFiSynConfig(MethodConfig):
     # only D^c (DRIT++ d_iter = 3).
     content_discriminator_lr_scale: float = 0.4
     content_discriminator_iterations: int = 3
+    # NOT IN PAPER (0 = off, the paper's loss): weight of a class-key alignment term (losses.contrastive
+    # .class_key_alignment_loss) on both domains' labelled contents, with its temperature. Why: the content critic
+    # matches the two domains' content distributions but not their tissue classes, so the T2 generator cannot read
+    # T1 contents (benchmarks/content_probe.py; benchmarks/RESULTS.md, HiFi-Syn, fourth session).
+    lambda_key_alignment: float = 0.0
+    tau_key_alignment: float = 0.1
 
 
 def weighted_generator_loss(terms: dict[str, Tensor], config: HiFiSynConfig) -> Tensor:
@@ -148,6 +155,8 @@ def weighted_generator_loss(terms: dict[str, Tensor], config: HiFiSynConfig) -> 
     total = terms[LOSS_TERMS[0]] * weights[LOSS_TERMS[0]]
     for name in LOSS_TERMS[1:]:
         total = total + weights[name] * terms[name]
+    if "key_alignment" in terms:  # the option's term, present only when it is on
+        total = total + config.lambda_key_alignment * terms["key_alignment"]
     return total
 
 
@@ -327,6 +336,12 @@ class HiFiSyn(TranslationMethod):
             "sgd": sgd,
             "ggd": ggd_loss(contents, groups, cfg.tau_ggd, reduction=cfg.contrastive_reduction),
         }
+        if cfg.lambda_key_alignment > 0:
+            terms["key_alignment"] = sum(
+                (class_key_alignment_loss(self.memory.similarity(z), self.memory.item_class, labels,
+                                          self.memory.num_classes, cfg.tau_key_alignment)
+                 for z, labels in ((z_source, source_labels), (z_target, target_labels)) if labels is not None),
+                start=z_source.sum() * 0.0)
         kept = {"z_source": z_source, "z_target": z_target, "a_source": a_source, "a_target": a_target,
                 "synthetic_target": synthetic_target, "synthetic_source": synthetic_source}
         return terms, kept
@@ -406,11 +421,12 @@ def _check_config(config: HiFiSynConfig) -> None:
     require(0 <= config.memory_old_weight < 1, "memory_old_weight", "in [0, 1)", config.memory_old_weight)
     require(0 <= config.unlisted_label_class < len(config.memory_class_items), "unlisted_label_class",
             f"a memory class in [0, {len(config.memory_class_items) - 1}]", config.unlisted_label_class)
-    for key in ("tau_pgd", "tau_sgd", "tau_ggd", "content_discriminator_lr_scale", "memory_read_temperature"):
+    for key in ("tau_pgd", "tau_sgd", "tau_ggd", "tau_key_alignment", "content_discriminator_lr_scale",
+                "memory_read_temperature"):
         require(getattr(config, key) > 0, key, "> 0", getattr(config, key))
     for key in ("lambda_content_adversarial", "lambda_domain_adversarial", "lambda_cycle",
-                "lambda_self_reconstruction", "lambda_pgd", "lambda_sgd", "lambda_ggd", "alpha_s",
-                "content_noise_std"):
+                "lambda_self_reconstruction", "lambda_pgd", "lambda_sgd", "lambda_ggd", "lambda_key_alignment",
+                "alpha_s", "content_noise_std"):
         require(getattr(config, key) >= 0, key, ">= 0", getattr(config, key))
     require(all(s >= 1 for s in config.content_discriminator_strides), "content_discriminator_strides",
             "positive", list(config.content_discriminator_strides))
