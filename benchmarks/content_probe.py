@@ -58,7 +58,7 @@ def content_codes(run: Path, manifest: Path, source: str, target: str
     from learning_curve import read_subject
 
     from volsynth.experiment import load_method
-    from volsynth.methods.hifisyn import majority_downsample, to_network_scale
+    from volsynth.methods.base import fold_slices, to_network_scale
 
     method, _, _ = load_method(run / "checkpoints" / "last.pt", device="cpu")
     method.eval()
@@ -67,14 +67,14 @@ def content_codes(run: Path, manifest: Path, source: str, target: str
         if entry["split"] not in ("train", "test"):
             continue
         subject = read_subject(manifest, entry, source, target)
-        # Tumour labels (4-6) count as WM, as hifisyn-cpu's unlisted_label_class does.
-        tissue = torch.from_numpy(subject["tissue"]).permute(2, 0, 1).clamp(max=3)
+        # The method's own label → memory-class mapping and pooling to the content grid (tumour labels as its
+        # unlisted_label_class), as its training saw them.
+        classes = method.content_labels(torch.from_numpy(subject["tissue"])[None, None])  # (D, H/4, W/4)
+        brain = classes > 0
         for index, domain in enumerate(DOMAINS):
-            slices = torch.from_numpy(subject[domain]).permute(2, 0, 1)[:, None]  # (D, 1, H, W)
+            slices = fold_slices(torch.from_numpy(subject[domain])[None, None])  # (D, 1, H, W)
             with torch.no_grad():
                 content = method.encode_content(to_network_scale(slices), index)
-            classes = majority_downsample(tissue, slices.shape[-1] // content.shape[-1], 4)
-            brain = classes > 0
             codes.setdefault((domain, entry["split"]), []).append(
                 (content.permute(0, 2, 3, 1)[brain].numpy(), classes[brain].numpy()))
     return {key: (np.concatenate([f for f, _ in parts]), np.concatenate([c for _, c in parts]))

@@ -218,7 +218,6 @@ def ggd_loss(contents: Tensor, groups: Tensor, temperature: float = 0.07, *, red
     return supervised_contrastive_loss(contents.flatten(1), groups, temperature, reduction=reduction)
 
 
-
 # --------------------------------------------------------------------------------------------------------------
 # Class-key alignment (NOT IN PAPER; an option of hifisyn, off by default)
 
