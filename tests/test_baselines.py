@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from volsynth.config import PRESET_DIR, TrainConfig
+from volsynth.errors import ConfigError
 from volsynth.experiment import load_config
 from volsynth.losses.edges import eagan_edge_map, edge_l1_loss, sobel_kernels, sobel_magnitude
 from volsynth.losses.gan import discriminator_adversarial_loss, generator_adversarial_loss
@@ -24,7 +25,14 @@ from volsynth.methods import METHODS, Batch, StepContext, build_method
 from volsynth.methods.cyclegan3d import CycleGAN3D, CycleGAN3DConfig
 from volsynth.methods.eagan import EaGAN, EaGANConfig, edge_weight
 from volsynth.methods.resunet_patchgan import ResUNetPatchGAN, ResUNetPatchGANConfig
-from volsynth.nets.patchgan import ImagePool, PatchDiscriminator, init_gan_weights, output_size, receptive_field
+from volsynth.nets.patchgan import (
+    ImagePool,
+    PatchDiscriminator,
+    init_gan_weights,
+    output_size,
+    receptive_field,
+    smallest_input,
+)
 from volsynth.nets.pix2pix_unet import Pix2PixUNet
 from volsynth.nets.resnet_generator import ResnetGenerator
 from volsynth.nets.resunet import ResidualBlock, ResUNet
@@ -111,6 +119,32 @@ def test_patchgan_output_grid_and_channels() -> None:
     assert critic(torch.zeros(2, 2, 32, 32, 32)).shape == (2, 1, *(output_size(32, 3, 2),) * 3)
     critic = PatchDiscriminator(2, in_channels=1, channels=4, n_layers=2)
     assert critic(torch.zeros(1, 1, 48, 40)).shape == (1, 1, output_size(48, 2), output_size(40, 2))
+
+
+@pytest.mark.parametrize(("n_layers", "padding"), [(2, 1), (3, 1), (3, 2)])
+def test_smallest_critic_input_is_where_instance_norm_stops_failing(n_layers: int, padding: int) -> None:
+    # Independent reference: torch's own instance norm, which refuses one value per channel in training mode.
+    smallest = smallest_input(n_layers, padding)
+    critic = PatchDiscriminator(3, 1, channels=2, n_layers=n_layers, norm="instance", padding=padding).train()
+    assert critic(torch.zeros(1, 1, *(smallest,) * 3)).shape[2] >= 1
+    if smallest > 1:
+        with pytest.raises(ValueError, match="more than 1 spatial element"):
+            critic(torch.zeros(1, 1, *(smallest - 1,) * 3))
+    assert [smallest_input(n) for n in (1, 2, 3)] == [6, 12, 24]
+
+
+def test_gan_methods_refuse_patches_too_small_for_their_critic() -> None:
+    config = load_config("cyclegan3d-cpu", ["data.sampling.patch_size=[16,16,16]"])
+    with pytest.raises(ConfigError, match=r"patch_size \[16, 16, 16\] is too small .* at least 24 voxels"):
+        build_method(config.method).check_data(config.data)
+    fewer = load_config("cyclegan3d-cpu", ["data.sampling.patch_size=[16,16,16]", "method.discriminator_layers=2"])
+    build_method(fewer.method).check_data(fewer.data)  # 12 voxels are enough for two layers
+    batch_norm = load_config("resunet_patchgan-cpu", ["data.sampling.patch_size=[16,16,16]"])
+    build_method(batch_norm.method).check_data(batch_norm.data)  # batch norm pools over the batch too
+    instance = load_config("resunet_patchgan-cpu", ["data.sampling.patch_size=[16,16,16]",
+                                                    "method.discriminator_norm=instance"])
+    with pytest.raises(ConfigError, match="'resunet_patchgan': its 3-layer PatchGAN critic"):
+        build_method(instance.method).check_data(instance.data)
 
 
 def test_parameter_counts_match_the_public_code() -> None:

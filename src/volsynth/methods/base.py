@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from volsynth.config import DataConfig, InferenceConfig, MethodConfig, TrainConfig
 from volsynth.errors import CheckpointError, ConfigError
 from volsynth.inferers import Inferer, SlidingWindowInferer, run_inferer
+from volsynth.nets.patchgan import smallest_input
 from volsynth.registry import Registry
 
 
@@ -352,6 +353,17 @@ def adam(params: Iterator[nn.Parameter] | list[nn.Parameter], train: TrainConfig
     """Adam with the trainer-level defaults unless the method overrides lr/betas."""
     return torch.optim.Adam(list(params), lr=train.lr if lr is None else lr,
                             betas=train.betas if betas is None else betas, weight_decay=train.weight_decay)
+
+
+def check_critic_fits(data: DataConfig, method: str, n_layers: int, norm: str, padding: int = 1) -> None:
+    """Refuse patches too small for a method's instance-normalised PatchGAN critic (a clear ConfigError instead of a
+    norm-layer traceback at the first training step; batch norm also pools over the batch, so it is left alone)."""
+    patch = list(data.sampling.patch_size)
+    need = smallest_input(n_layers, padding)
+    if norm == "instance" and data.sampling.kind == "patch" and min(patch) < need:
+        raise ConfigError(f"data.sampling.patch_size {patch} is too small for method '{method}': its {n_layers}-layer "
+                          f"PatchGAN critic needs at least {need} voxels per axis (use larger patches or fewer "
+                          "method.discriminator_layers)")
 
 
 def to_network_scale(image: Tensor) -> Tensor:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from monai.networks.utils import eval_mode
 from torch import Tensor, nn
 
-from volsynth.config import MethodConfig, TrainConfig
+from volsynth.config import DataConfig, MethodConfig, TrainConfig
 from volsynth.losses.gan import discriminator_adversarial_loss, generator_adversarial_loss
 from volsynth.methods.base import (
     METHODS,
@@ -42,6 +42,7 @@ from volsynth.methods.base import (
     StepContext,
     TranslationMethod,
     adam,
+    check_critic_fits,
     set_requires_grad,
     to_data_scale,
     to_network_scale,
@@ -103,6 +104,11 @@ class CycleGAN3D(TranslationMethod):
     @property
     def patch_divisor(self) -> int:
         return ResnetGenerator.divisor
+
+    def check_data(self, data: DataConfig) -> None:
+        super().check_data(data)
+        config = self.config
+        check_critic_fits(data, config.name, config.discriminator_layers, config.discriminator_norm)
 
     def networks(self) -> dict[str, nn.Module]:
         return {"source_to_target": self.source_to_target, "target_to_source": self.target_to_source,

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from monai.networks.utils import eval_mode
 from torch import Tensor, nn
 
-from volsynth.config import MethodConfig, TrainConfig
+from volsynth.config import DataConfig, MethodConfig, TrainConfig
 from volsynth.losses.edges import eagan_edge_map, edge_l1_loss
 from volsynth.losses.gan import discriminator_adversarial_loss, generator_adversarial_loss
 from volsynth.methods.base import (
@@ -49,6 +49,7 @@ from volsynth.methods.base import (
     StepContext,
     TranslationMethod,
     adam,
+    check_critic_fits,
     set_requires_grad,
     to_data_scale,
     to_network_scale,
@@ -124,6 +125,12 @@ class EaGAN(TranslationMethod):
     @property
     def patch_divisor(self) -> int:
         return int(self.generator.divisor)
+
+    def check_data(self, data: DataConfig) -> None:
+        super().check_data(data)
+        config = self.config
+        check_critic_fits(data, config.name, config.discriminator_layers, config.discriminator_norm,
+                          config.discriminator_padding)
 
     def networks(self) -> dict[str, nn.Module]:
         return {"generator": self.generator, "discriminator": self.discriminator}

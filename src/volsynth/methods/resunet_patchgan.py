@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from monai.networks.utils import eval_mode
 from torch import Tensor, nn
 
-from volsynth.config import MethodConfig, TrainConfig
+from volsynth.config import DataConfig, MethodConfig, TrainConfig
 from volsynth.losses.gan import GanLossKind, discriminator_adversarial_loss, generator_adversarial_loss
 from volsynth.methods.base import (
     METHODS,
@@ -44,6 +44,7 @@ from volsynth.methods.base import (
     StepContext,
     TranslationMethod,
     adam,
+    check_critic_fits,
     set_requires_grad,
     to_data_scale,
     to_network_scale,
@@ -94,6 +95,11 @@ class ResUNetPatchGAN(TranslationMethod):
     @property
     def patch_divisor(self) -> int:
         return self.generator.divisor
+
+    def check_data(self, data: DataConfig) -> None:
+        super().check_data(data)
+        config = self.config
+        check_critic_fits(data, config.name, config.discriminator_layers, config.discriminator_norm)
 
     def networks(self) -> dict[str, nn.Module]:
         return {"generator": self.generator, "discriminator": self.discriminator}

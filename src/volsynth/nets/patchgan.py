@@ -54,6 +54,25 @@ def output_size(input_size: int, n_layers: int = 3, padding: int = 1) -> int:
     return size
 
 
+def smallest_input(n_layers: int = 3, padding: int = 1) -> int:
+    """Smallest input length per axis a critic can train on: every normalised conv keeps ≥ 2 voxels per axis.
+
+    Instance norm needs more than one value per channel, and the logit grid is then ≥ 1. With ``padding = 1``:
+    1 layer → 6, 2 → 12, 3 → 24 (a 16³ patch leaves the 3-layer critic one voxel before its last conv); Ea-GAN's
+    padding 2, 3 layers → 2.
+    """
+    specs = layer_specs(n_layers)[:-1]  # up to the last normalised conv
+    size = 1
+    while True:
+        grids, grid = [], size
+        for kernel, stride in specs:
+            grid = (grid + 2 * padding - kernel) // stride + 1
+            grids.append(grid)
+        if min(grids[1:]) >= 2:  # every conv after the first is normalised
+            return size
+        size += 1
+
+
 class PatchDiscriminator(nn.Module):
     """PatchGAN critic: ``(B, in_channels, *S)`` → ``(B, 1, *S')`` raw logits, one per receptive-field patch.
 
