@@ -550,3 +550,25 @@ def test_self_reconstruction_attribute_is_the_encoder_map_or_the_memory_read(mod
         assert all(g is None for g in grads)
     else:
         assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_air_slices_are_written_as_zero_without_the_networks() -> None:
+    """A slice with fewer than 0.2 % of its pixels above empty_slice_threshold is air: 0 comes back, and the other
+    slices equal the networks' own translation of them; with the threshold off every slice goes through."""
+    g = torch.Generator().manual_seed(1)
+    source = torch.rand(1, 1, 32, 32, 3, generator=g)
+    source[..., 1] *= 0.09  # air: noise below the threshold everywhere
+    source[..., 2] *= 0.09
+    source[0, 0, :2, :1, 2] = 0.9  # 2 of 1,024 pixels (0.195 %) above it: still air
+    method = tiny_method()
+    synthetic = method.translate(source)
+    assert torch.count_nonzero(synthetic[..., 1:]) == 0
+    with torch.no_grad():
+        by_hand = method.eval()(source[..., 0]).clamp(0, 1)
+    assert torch.allclose(synthetic[..., 0], by_hand, atol=1e-6) and by_hand.abs().sum() > 0
+    source[0, 0, :3, :1, 2] = 0.9  # 3 pixels (0.29 %): anatomy, translated
+    assert torch.count_nonzero(method.translate(source)[..., 2]) > 0
+    every = tiny_method(empty_slice_threshold=None).translate(source)
+    assert torch.count_nonzero(every[..., 1]) > 0
+    with pytest.raises(ConfigError, match="empty_slice_threshold"):
+        tiny_method(empty_slice_threshold=1.5)
