@@ -35,7 +35,10 @@ def _start(manifest: Path, method: str, run: Path, out: Path, overrides: list[st
             str(run), "--out", str(out)]
     for override in overrides:
         argv += ["--set", override]
-    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr to a file, not a pipe: the jobs are waited for one after the other, and a full pipe would stall the
+    # job not yet waited for.
+    with out.with_suffix(".log").open("wb") as log:
+        return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log)
 
 
 @pytest.mark.slow
@@ -49,8 +52,7 @@ def test_hifisyn_beats_predict_the_mean_and_cyclegan_tissue_dice(tmp_path: Path)
             "cyclegan3d": _start(manifest, "cyclegan3d", tmp_path / "cyclegan3d", tmp_path / "cyclegan3d.json",
                                  [*schedule, "data.sampling.patch_size=[16,16,16]", "method.discriminator_layers=2"])}
     for name, job in jobs.items():
-        _, stderr = job.communicate()
-        assert job.returncode == 0, f"{name}: {stderr.decode()[-2000:]}"
+        assert job.wait() == 0, f"{name}: {(tmp_path / f'{name}.log').read_text()[-2000:]}"
     curves = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in jobs}
     hifisyn, cyclegan = (curves[name]["points"][-1] for name in ("hifisyn", "cyclegan3d"))
     assert hifisyn["iterations"] == cyclegan["iterations"] == ITERATIONS
